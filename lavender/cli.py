@@ -1,0 +1,159 @@
+"""The `lavender` command line: one subcommand per step of the data flow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lavender.config import add_dataclass_args, config_from_args
+
+log = logging.getLogger("lavender")
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from lavender.diffusion.extract import ExtractConfig, run_extract
+
+    cfg = config_from_args(ExtractConfig, args)
+    root = run_extract(cfg)
+    print(f"targets store: {root}")
+
+
+def cmd_viz(args: argparse.Namespace) -> None:
+    from lavender.data.samples import read_samples
+    from lavender.data.targets import AttentionTargets
+    from lavender.eval.viz import write_overlays
+
+    written = write_overlays(read_samples(args.data, args.image_root), AttentionTargets(args.targets), args.out,
+                             args.count)
+    print(f"{len(written)} overlays in {args.out}")
+
+
+def cmd_grounding(args: argparse.Namespace) -> None:
+    from lavender.data.targets import AttentionTargets
+    from lavender.eval.grounding import grounding_scores
+    from lavender.world.data import read_masks
+    from lavender.world.scenes import word_type
+
+    targets = AttentionTargets(args.targets)
+    report = grounding_scores(((sid, targets[sid]) for sid in targets), read_masks(args.masks), word_type)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from lavender.data.authors_layout import export_authors_layout
+    from lavender.data.samples import read_samples
+
+    names = {s.id: s.image_name for s in read_samples(args.data, args.image_root)} if args.data else None
+    print(export_authors_layout(args.targets, args.out, names))
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from lavender.data.authors_layout import import_authors_layout
+
+    print(import_authors_layout(args.root, args.out, args.diffusion_model))
+
+
+def cmd_world_data(args: argparse.Namespace) -> None:
+    from lavender.world.data import WorldDataConfig, write_world
+
+    print(f"shapes world: {write_world(config_from_args(WorldDataConfig, args))}")
+
+
+def cmd_world_teacher(args: argparse.Namespace) -> None:
+    from lavender.world.teacher import TeacherConfig, train_teacher
+
+    print(f"teacher pipeline: {train_teacher(config_from_args(TeacherConfig, args))}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from lavender.world.demo import run_demo
+
+    run_demo(Path(args.out), args.scenes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lavender.diffusion.extract import ExtractConfig
+    from lavender.world.data import WorldDataConfig
+    from lavender.world.teacher import TeacherConfig
+
+    parser = argparse.ArgumentParser(
+        prog="lavender", description="Diffusion-guided instruction tuning of vision-language models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("extract", help="stage 1: per-word diffusion attention targets for image-text data",
+                       description="Invert each image a few DDIM steps with a Stable Diffusion v1.x-layout "
+                                   "pipeline, denoise it back, and store one normalised cross-attention map "
+                                   "per word. Resumable; runs under `accelerate launch`.")
+    add_dataclass_args(p, ExtractConfig)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("viz", help="PNG overlays of a store's per-word maps on their images")
+    p.add_argument("--targets", required=True, help="targets store directory")
+    p.add_argument("--data", required=True, help="the data the store was extracted from")
+    p.add_argument("--image-root", default=None, help="directory image paths are relative to")
+    p.add_argument("--out", required=True, help="output directory for PNGs")
+    p.add_argument("--count", type=int, default=8, help="number of samples to draw")
+    p.set_defaults(func=cmd_viz)
+
+    ev = sub.add_parser("eval", help="evaluate maps and models").add_subparsers(dest="eval", required=True,
+                                                                               metavar="WHAT")
+    p = ev.add_parser("grounding", help="pointing accuracy, IoU and entropy of a store against word masks")
+    p.add_argument("--targets", required=True, help="targets store directory")
+    p.add_argument("--masks", required=True, help="masks side file (masks-<split>.safetensors)")
+    p.add_argument("--out", default="", help="also write the report as JSON here")
+    p.set_defaults(func=cmd_grounding)
+
+    tg = sub.add_parser("targets", help="convert targets stores").add_subparsers(dest="targets", required=True,
+                                                                                metavar="WHAT")
+    p = tg.add_parser("export", help="write a store in the authors' per-word JPEG layout")
+    p.add_argument("--targets", required=True, help="targets store directory")
+    p.add_argument("--out", required=True, help="root of the JPEG tree")
+    p.add_argument("--data", default="", help="the data, to name image folders after image files")
+    p.add_argument("--image-root", default=None, help="directory image paths are relative to")
+    p.set_defaults(func=cmd_export)
+    p = tg.add_parser("import", help="read the authors' per-word JPEG layout into a store")
+    p.add_argument("--root", required=True, help="root of the JPEG tree")
+    p.add_argument("--out", required=True, help="new targets store directory")
+    p.add_argument("--diffusion-model", default="unknown", help="model the maps came from, for the record")
+    p.set_defaults(func=cmd_import)
+
+    wd = sub.add_parser("world", help="the shapes world: data, teacher").add_subparsers(dest="world",
+                                                                                       required=True, metavar="WHAT")
+    p = wd.add_parser("data", help="generate shapes-world scenes in LLaVA format with word masks")
+    add_dataclass_args(p, WorldDataConfig)
+    p.set_defaults(func=cmd_world_data)
+    p = wd.add_parser("teacher", help="train the shapes text-to-image teacher (resumable)")
+    add_dataclass_args(p, TeacherConfig)
+    p.set_defaults(func=cmd_world_teacher)
+
+    p = sub.add_parser("demo", help="the main job on the shapes world: data, stage 1, grounding, overlays")
+    p.add_argument("--out", default="demo-output", help="output directory")
+    p.add_argument("--scenes", type=int, default=200, help="held-out scenes to extract")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        if args.verbose:
+            raise
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Dataclass configs filled alike from CLI flags and YAML files.
+
+Each field becomes a `--flag` with the field's `help` metadata. `--config file.yaml`
+supplies values first, flags given on the command line override them, and an
+unknown key or a value of the wrong type is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value that is unknown or of the wrong type."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> Any:
+    """The concrete type behind `X | None` and similar unions."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of `cls`; defaults stay unset so YAML values are not overridden."""
+    hints = typing.get_type_hints(cls)
+    parser.add_argument("--config", type=Path, help="YAML file with any of these options")
+    for f in dataclasses.fields(cls):
+        tp = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        if tp is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(tp) in (tuple, list):
+            (item,) = set(typing.get_args(tp)) - {Ellipsis}
+            parser.add_argument(_flag(f.name), type=item, nargs="*", default=None, help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), type=tp, default=None, help=help_text)
+
+
+def _check_type(cls: type, name: str, value: Any, tp: Any) -> Any:
+    tp = _base_type(tp)
+    origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{cls.__name__}.{name}: expected a list, got {value!r}")
+        return tuple(value) if origin is tuple else list(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{cls.__name__}.{name}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def build_config(cls: type[T], values: dict[str, Any]) -> T:
+    """Instantiate `cls` from a mapping, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} options: {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**{k: _check_type(cls, k, v, hints[k]) for k, v in values.items()})
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{args.config}: expected a mapping of options")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    for f in dataclasses.fields(cls):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return build_config(cls, values)

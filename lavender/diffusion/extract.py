@@ -1,0 +1,313 @@
+"""Stage 1: per-word cross-attention targets from a text-to-image diffusion model over real images.
+
+For each batch: VAE-encode the images, DDIM-invert the latents a few steps with the
+text as condition, denoise them back while the cross-attention layers report their
+softmax probabilities, average those over heads, layers and steps at the target
+resolution, sum the tokens of each word and min-max normalise each word's map.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from lavender.data.samples import TEXT_SOURCES, Sample, read_samples
+from lavender.data.targets import FAILURES_FILE, STORE_FILE, TargetsWriter, scan_shards, write_index
+from lavender.diffusion.capture import AttentionRecorder, capture_cross_attention
+from lavender.diffusion.inversion import denoise, invert
+from lavender.diffusion.words import words_to_tokens
+from lavender.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+LAVENDER_FILE = "lavender.json"  # optional sidecar of a pipeline directory
+
+# Settings that change the maps; a store only ever holds maps made with one set of them.
+RESULT_SETTINGS = ("diffusion", "text", "inversion_steps", "denoise_steps", "strength", "guidance_scale",
+                   "resolution", "image_size", "attn_resolutions", "mask_padding", "dtype")
+
+
+@dataclass
+class ExtractConfig:
+    diffusion: str = field(default="CompVis/stable-diffusion-v1-4",
+                           metadata={"help": "StableDiffusionPipeline hub name or directory"})
+    data: str = field(default="", metadata={"help": "LLaVA JSON, HF dataset dir, or image folder with captions"})
+    out: str = field(default="", metadata={"help": "targets store directory"})
+    text: str = field(default="caption", metadata={"help": "text to condition on: caption|question|question+answer"})
+    inversion_steps: int = field(default=5, metadata={"help": "DDIM inversion steps"})
+    denoise_steps: int = field(default=10, metadata={"help": "DDIM denoising steps, recorded"})
+    strength: float = field(default=0.5, metadata={"help": "noise level reached by inversion, share of T"})
+    guidance_scale: float = field(default=1.0, metadata={"help": "classifier-free guidance while denoising"})
+    resolution: int = field(default=32, metadata={"help": "side of the stored maps"})
+    image_size: int = field(default=0, metadata={"help": "image side fed to the VAE (0: the model's own)"})
+    attn_resolutions: tuple[int, ...] = field(default=(), metadata={
+        "help": "record only cross-attention layers with these grid sides (default: all)"})
+    mask_padding: str = field(default="auto", metadata={
+        "help": "hide padding tokens from cross-attention: auto|yes|no (auto: as the model was trained)"})
+    batch_size: int = field(default=8, metadata={"help": "images per batch"})
+    image_root: str = field(default="", metadata={"help": "directory that image paths are relative to"})
+    shard_size: int = field(default=256, metadata={"help": "samples per store shard"})
+    store_dtype: str = field(default="float16", metadata={"help": "float16|float32 storage of the maps"})
+    dtype: str = field(default="float32", metadata={"help": "model dtype: float32|float16|bfloat16"})
+    device: str = field(default="", metadata={"help": "torch device (default: this process's accelerator)"})
+    limit: int = field(default=0, metadata={"help": "process at most this many samples (0: all)"})
+    overwrite: bool = field(default=False, metadata={"help": "delete an existing store at --out first"})
+
+    def __post_init__(self) -> None:
+        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        if self.text not in TEXT_SOURCES:
+            raise ValueError(f"--text must be one of {TEXT_SOURCES}, got {self.text!r}")
+        if self.mask_padding not in ("auto", "yes", "no"):
+            raise ValueError("--mask-padding must be auto, yes or no")
+        if not 0 < self.strength <= 1:
+            raise ValueError("--strength must be in (0, 1]")
+        if min(self.inversion_steps, self.denoise_steps, self.resolution, self.batch_size) < 1:
+            raise ValueError("steps, resolution and batch size must be positive")
+
+
+def sidecar(diffusion: str) -> dict[str, Any]:
+    """The pipeline's `lavender.json`, if it is a local directory that has one."""
+    path = Path(diffusion) / LAVENDER_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_pipeline(cfg: ExtractConfig, device: torch.device):
+    from diffusers import StableDiffusionPipeline
+
+    dtype = getattr(torch, cfg.dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.diffusion, torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if not pipe.tokenizer.is_fast:
+        raise ValueError("stage 1 needs a fast tokenizer (character offsets) for word matching")
+    return pipe.to(device)
+
+
+def normalise(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max each map of (N, R, R) to [0, 1]; a constant map becomes all zeros."""
+    flat = maps.flatten(1)
+    lo, hi = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(maps)
+
+
+def word_maps(text: str, offsets: list[tuple[int, int]], token_maps: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-word maps from per-token maps (L, R, R).
+
+    A word's map is the sum over its tokens (its whole attention mass); a word that
+    occurs several times gets the mean over its occurrences. Each map is then
+    min-max normalised.
+    """
+    per_word: dict[str, list[torch.Tensor]] = {}
+    for wt in words_to_tokens(text, offsets):
+        per_word.setdefault(wt.word, []).append(token_maps[list(wt.tokens)].sum(dim=0))
+    if not per_word:
+        return {}
+    words = list(per_word)
+    stacked = torch.stack([torch.stack(per_word[w]).mean(dim=0) for w in words])
+    return dict(zip(words, normalise(stacked).cpu().numpy()))
+
+
+def preprocess(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize the shorter side to `size`, centre-crop, scale to [-1, 1]: (3, size, size)."""
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    arr = np.asarray(image, np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+class Extractor:
+    """Holds the loaded pipeline and turns batches of (image, text) into per-word maps."""
+
+    def __init__(self, cfg: ExtractConfig, pipe, mask_padding: bool):
+        self.cfg, self.pipe, self.mask_padding = cfg, pipe, mask_padding
+        self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
+        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.image_size = cfg.image_size or pipe.unet.config.sample_size * vae_scale
+        self.alphas = pipe.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.t_end = round(cfg.strength * (len(self.alphas) - 1))
+        self.recorder = AttentionRecorder(cfg.resolution, cfg.attn_resolutions)
+        self.max_length = pipe.tokenizer.model_max_length
+
+    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+        tok = self.pipe.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
+                                  return_offsets_mapping=True, return_tensors="pt")
+        mask = tok.attention_mask.to(self.device) if self.mask_padding else None
+        emb = self.pipe.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
+        return emb, mask, tok.offset_mapping.tolist()
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image], texts: list[str]) -> list[dict[str, np.ndarray]]:
+        pipe, b = self.pipe, len(images)
+        x = torch.stack([preprocess(im, self.image_size) for im in images]).to(self.device, self.dtype)
+        latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        emb, mask, offsets = self.encode_text(texts)
+
+        def conditional(z: torch.Tensor, t: int) -> torch.Tensor:
+            return pipe.unet(z, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
+
+        guided = conditional
+        if self.cfg.guidance_scale != 1.0:
+            null, null_mask, _ = self.encode_text([""] * b)
+            both = torch.cat([null, emb])
+            both_mask = None if mask is None else torch.cat([null_mask, mask])
+            self.recorder.rows = slice(b, 2 * b)  # the conditional half
+
+            def guided(z: torch.Tensor, t: int) -> torch.Tensor:
+                out = pipe.unet(torch.cat([z, z]), t, encoder_hidden_states=both,
+                                encoder_attention_mask=both_mask).sample
+                uncond, cond = out.chunk(2)
+                return uncond + self.cfg.guidance_scale * (cond - uncond)
+
+        self.recorder.reset(tuple(latents.shape[-2:]))
+        with capture_cross_attention(pipe.unet, self.recorder):
+            noisy = invert(latents.float(), lambda z, t: conditional(z.to(self.dtype), t).float(), self.alphas,
+                           self.t_end, self.cfg.inversion_steps)
+            self.recorder.active = True
+            try:
+                denoise(noisy, lambda z, t: guided(z.to(self.dtype), t).float(), self.alphas, self.t_end,
+                        self.cfg.denoise_steps)
+            finally:
+                self.recorder.active, self.recorder.rows = False, slice(None)
+        token_maps = self.recorder.mean()  # (B, L, R, R)
+        return [word_maps(texts[i], offsets[i], token_maps[i]) for i in range(b)]
+
+
+def _settings(cfg: ExtractConfig, mask_padding: bool, image_size: int) -> dict[str, Any]:
+    values = asdict(cfg)
+    values.update(mask_padding=mask_padding, image_size=image_size, attn_resolutions=list(cfg.attn_resolutions))
+    return {k: values[k] for k in RESULT_SETTINGS}
+
+
+def _open_store(root: Path, settings: dict[str, Any], is_main: bool) -> None:
+    store_file = root / STORE_FILE
+    if store_file.exists():
+        old = json.loads(store_file.read_text()).get("settings", {})
+        if old != settings:
+            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            raise ValueError(f"{root} holds maps made with other settings {diff}; "
+                             "use another --out or --overwrite")
+    elif is_main:
+        atomic_write_json(store_file, {"format": "lavender.targets", "version": 1, "settings": settings,
+                                       "diffusion_model": settings["diffusion"]})
+
+
+def _load(sample: Sample, text_source: str, max_tokens: int, tokenizer) -> tuple[Image.Image | None, str, str]:
+    """(image, text, failure reason); the reason is empty on success."""
+    text = sample.text(text_source).strip()
+    if not text:
+        return None, text, f"empty {text_source}"
+    try:
+        image = sample.load_image()
+    except FileNotFoundError:
+        return None, text, "image not found"
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        return None, text, f"unreadable image: {err}"
+    n_tokens = len(tokenizer(text, truncation=False).input_ids)
+    if n_tokens > max_tokens:
+        log.warning("sample %s: text has %d tokens, truncated to the text encoder's %d", sample.id, n_tokens,
+                    max_tokens)
+    return image, text, ""
+
+
+def _merge_failures(root: Path, done: set[str]) -> int:
+    failures: dict[str, dict] = {}
+    for part in sorted(root.glob("failures-*.jsonl")):
+        for line in part.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if rec["id"] not in done:
+                failures[rec["id"]] = rec
+    atomic_write_text(root / FAILURES_FILE, "".join(json.dumps(r) + "\n" for r in failures.values()))
+    for part in root.glob("failures-*.jsonl"):
+        part.unlink()
+    return len(failures)
+
+
+def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_processes: int | None = None,
+                finalize: bool = True) -> Path:
+    """Extract targets for every sample of `cfg.data` not yet in the store at `cfg.out`.
+
+    Under `accelerate launch` each process takes every N-th remaining sample; the main
+    process writes the index once all are done.
+    """
+    from accelerate import PartialState
+
+    if not cfg.data or not cfg.out:
+        raise ValueError("--data and --out are required")
+    state = PartialState(cpu=cfg.device == "cpu") if process_index is None else None
+    rank = state.process_index if state else process_index
+    world = state.num_processes if state else (num_processes or 1)
+    is_main = rank == 0
+    root = Path(cfg.out)
+    if cfg.overwrite and is_main and root.exists():
+        shutil.rmtree(root)
+    if state:
+        state.wait_for_everyone()
+
+    samples = read_samples(cfg.data, cfg.image_root or None)
+    if cfg.limit:
+        samples = samples[: cfg.limit]
+    device = torch.device(cfg.device) if cfg.device else (state.device if state else torch.device("cpu"))
+    mask_padding = {"yes": True, "no": False}.get(cfg.mask_padding, sidecar(cfg.diffusion).get("mask_padding", False))
+    pipe = load_pipeline(cfg, device)
+    extractor = Extractor(cfg, pipe, mask_padding)
+    settings = _settings(cfg, mask_padding, extractor.image_size)
+    if is_main:
+        _open_store(root, settings, True)
+    if state:
+        state.wait_for_everyone()
+    _open_store(root, settings, False)
+
+    done = set(scan_shards(root))
+    todo = [s for s in samples if s.id not in done][rank::world]
+    log.info("process %d/%d: %d of %d samples to do", rank, world, len(todo), len(samples))
+    writer = TargetsWriter(root, cfg.shard_size, cfg.store_dtype, prefix=f"r{rank}")
+    with open(root / f"failures-r{rank}.jsonl", "w") as failures:
+        bar = tqdm(total=len(todo), desc=f"extract[{rank}]" if world > 1 else "extract", unit="img",
+                   disable=not is_main and world > 1)
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start : start + cfg.batch_size]
+            ok: list[tuple[Sample, Image.Image, str]] = []
+            for sample in batch:
+                image, text, reason = _load(sample, cfg.text, extractor.max_length, pipe.tokenizer)
+                if reason:
+                    log.warning("skipping sample %s: %s", sample.id, reason)
+                    failures.write(json.dumps({"id": sample.id, "reason": reason}) + "\n")
+                    failures.flush()
+                else:
+                    ok.append((sample, image, text))
+            if ok:
+                results = extractor([im for _, im, _ in ok], [t for _, _, t in ok])
+                for (sample, _, _), maps in zip(ok, results):
+                    writer.add(sample.id, maps)
+            bar.update(len(batch))
+        writer.flush()
+        bar.close()
+    if state:
+        state.wait_for_everyone()
+    if is_main and finalize:
+        finalize_store(root)
+    return root
+
+
+def finalize_store(root: str | Path) -> dict[str, str]:
+    """Write the index and merge the per-process failure lists."""
+    root = Path(root)
+    where = write_index(root)
+    n_failed = _merge_failures(root, set(where))
+    log.info("store %s: %d samples, %d failures", root, len(where), n_failed)
+    return where

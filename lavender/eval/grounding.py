@@ -1,0 +1,88 @@
+"""How well per-word maps ground their words: pointing accuracy, IoU and entropy against masks.
+
+- pointing: the map's argmax falls inside the word's ground-truth mask;
+- IoU: the map thresholded at half its peak, against the mask;
+- entropy: of the map read as a distribution over cells, divided by log(cells), so a
+  uniform map scores 1 and a single-cell map 0.
+
+Masks are resized to the map's resolution by area (a cell is "inside" when at least
+half of it is covered) so that maps are never upsampled to fit a metric.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def mask_to_grid(mask: np.ndarray, resolution: int) -> np.ndarray:
+    """bool (H, W) -> bool (R, R): cells at least half covered by the mask."""
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    cover = F.adaptive_avg_pool2d(t, (resolution, resolution))[0, 0].numpy()
+    grid = cover >= 0.5
+    if not grid.any():  # an object smaller than a cell still owns its best-covered cell
+        grid = cover >= cover.max() - 1e-9 if cover.max() > 0 else grid
+    return grid
+
+
+def pointing(amap: np.ndarray, grid: np.ndarray) -> float:
+    return float(grid.flat[int(np.argmax(amap))])
+
+
+def iou(amap: np.ndarray, grid: np.ndarray, threshold: float = 0.5) -> float:
+    peak = float(amap.max())
+    pred = amap >= threshold * peak if peak > 0 else np.zeros_like(grid)
+    union = np.logical_or(pred, grid).sum()
+    return float(np.logical_and(pred, grid).sum() / union) if union else 0.0
+
+
+def entropy(amap: np.ndarray) -> float:
+    p = np.clip(amap.astype(np.float64), 0, None).ravel()
+    total = p.sum()
+    if total <= 0:
+        return 1.0
+    p = p / total
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum() / math.log(p.size))
+
+
+def grounding_scores(
+    maps: Iterable[tuple[str, Mapping[str, np.ndarray]]],
+    masks: Mapping[str, Mapping[str, np.ndarray]],
+    word_type: Callable[[str], str] = lambda w: "word",
+) -> dict[str, dict[str, float]]:
+    """Mean pointing, IoU and entropy per word type over every (sample, word) with a mask."""
+    per_type: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    for sample_id, word_maps in maps:
+        for word, truth in masks.get(sample_id, {}).items():
+            if word not in word_maps or not truth.any():
+                continue
+            amap = np.asarray(word_maps[word], np.float32)
+            grid = mask_to_grid(truth, amap.shape[0])
+            scores = (pointing(amap, grid), iou(amap, grid), entropy(amap))
+            per_type[word_type(word)].append(scores)
+            per_type["all"].append(scores)
+    report = {}
+    for kind, rows in sorted(per_type.items()):
+        arr = np.array(rows)
+        report[kind] = {"pointing": float(arr[:, 0].mean()), "iou": float(arr[:, 1].mean()),
+                        "entropy": float(arr[:, 2].mean()), "n": len(rows)}
+    return report
+
+
+def chance_pointing(masks: Mapping[str, Mapping[str, np.ndarray]], resolution: int,
+                    word_type: Callable[[str], str] = lambda w: "word") -> dict[str, float]:
+    """Pointing accuracy of a map with a uniformly random argmax: mean mask coverage of the grid."""
+    per_type: dict[str, list[float]] = defaultdict(list)
+    for words in masks.values():
+        for word, truth in words.items():
+            if truth.any():
+                cover = float(mask_to_grid(truth, resolution).mean())
+                per_type[word_type(word)].append(cover)
+                per_type["all"].append(cover)
+    return {k: float(np.mean(v)) for k, v in sorted(per_type.items())}

@@ -1,0 +1,61 @@
+"""Tiny random Stable-Diffusion-layout pipelines, built from configs in code.
+
+Tests and benchmarks save them with `save_pretrained` and load them back with
+`from_pretrained`, the same path a real hub model takes. `sd14_like` keeps SD v1.4's
+block layout and attention resolutions with far fewer channels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from lavender.world.scenes import world_vocabulary
+from lavender.world.tokenizer import save_clip_tokenizer
+
+SD14_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+SD14_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+
+
+def tiny_pipeline(out: str | Path, seed: int = 0, sd14_like: bool = False, channels: tuple[int, ...] = (),
+                  text_width: int = 32, max_length: int = 32, sample_size: int = 16,
+                  extra_words: tuple[str, ...] = ()) -> Path:
+    """Save a seeded random StableDiffusionPipeline to `out` and return the path."""
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = save_clip_tokenizer(world_vocabulary() + list(extra_words), out / "_tokenizer", max_length)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=max_length, bos_token_id=len(tokenizer) - 2,
+        eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1,
+    ))
+    if sd14_like:
+        channels = channels or (32, 64, 128, 128)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=channels,
+            down_block_types=SD14_DOWN, up_block_types=SD14_UP, cross_attention_dim=text_width,
+            attention_head_dim=8, norm_num_groups=16,
+        )
+    else:
+        channels = channels or (16, 32)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=channels,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_width,
+            attention_head_dim=4, norm_num_groups=8,
+        )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out
