@@ -52,16 +52,25 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(_flag(f.name), type=tp, default=None, help=help_text)
 
 
+def _is_optional(tp: Any) -> bool:
+    return (isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union) and type(None) in typing.get_args(tp)
+
+
 def _check_type(cls: type, name: str, value: Any, tp: Any) -> Any:
+    if value is None and _is_optional(tp):
+        return None
     tp = _base_type(tp)
     origin = typing.get_origin(tp)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{cls.__name__}.{name}: expected a list, got {value!r}")
-        return tuple(value) if origin is tuple else list(value)
+        item_types = set(typing.get_args(tp)) - {Ellipsis}
+        items = [_check_type(cls, f"{name}[{i}]", v, next(iter(item_types))) if len(item_types) == 1 else v
+                 for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if isinstance(tp, type) and not isinstance(value, tp):
+    if isinstance(tp, type) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
         raise ConfigError(f"{cls.__name__}.{name}: expected {tp.__name__}, got {value!r}")
     return value
 

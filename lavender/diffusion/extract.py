@@ -82,9 +82,9 @@ def sidecar(diffusion: str) -> dict[str, Any]:
 def load_pipeline(cfg: ExtractConfig, device: torch.device):
     from diffusers import StableDiffusionPipeline
 
-    dtype = getattr(torch, cfg.dtype)
-    pipe = StableDiffusionPipeline.from_pretrained(cfg.diffusion, torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
+    dtype = {} if cfg.dtype == "float32" else {"torch_dtype": getattr(torch, cfg.dtype)}
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.diffusion, safety_checker=None,
+                                                   requires_safety_checker=False, **dtype)
     pipe.set_progress_bar_config(disable=True)
     if not pipe.tokenizer.is_fast:
         raise ValueError("stage 1 needs a fast tokenizer (character offsets) for word matching")
@@ -248,7 +248,10 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
 
     if not cfg.data or not cfg.out:
         raise ValueError("--data and --out are required")
-    state = PartialState(cpu=cfg.device == "cpu") if process_index is None else None
+    # Without an accelerator, `cpu=True` lets processes started by `accelerate launch` or torchrun
+    # join one gloo group instead of each running alone.
+    on_cpu = cfg.device == "cpu" or not (torch.cuda.is_available() or cfg.device)
+    state = PartialState(cpu=on_cpu) if process_index is None else None
     rank = state.process_index if state else process_index
     world = state.num_processes if state else (num_processes or 1)
     is_main = rank == 0
@@ -272,8 +275,9 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
         state.wait_for_everyone()
     _open_store(root, settings, False)
 
+    # Split before skipping what is done, so that the split never depends on when a process looks.
     done = set(scan_shards(root))
-    todo = [s for s in samples if s.id not in done][rank::world]
+    todo = [s for s in samples[rank::world] if s.id not in done]
     log.info("process %d/%d: %d of %d samples to do", rank, world, len(todo), len(samples))
     writer = TargetsWriter(root, cfg.shard_size, cfg.store_dtype, prefix=f"r{rank}")
     with open(root / f"failures-r{rank}.jsonl", "w") as failures:

@@ -33,7 +33,7 @@ HELD_OUT: frozenset[tuple[str, str]] = frozenset(
 RELATIONS = ("left of", "right of", "above", "below")
 FIXED_WORDS = ("a", "an", "and", "left", "right", "of", "above", "below", "is", "there", "the", "what",
                "colour", "shape", "object", "how", "many", "objects", "are", "yes", "no", "describe",
-               "image") + NUMBER_WORDS[1:]
+               "image") + NUMBER_WORDS
 
 
 @dataclass

@@ -91,7 +91,7 @@ def build_unet(cfg: TeacherConfig, sample_size: int) -> UNet2DConditionModel:
 
 def noise_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+                         beta_schedule="scaled_linear", clip_sample=False)
 
 
 def scene_batch(rng: random.Random, n: int, size: int, captions: bool = True) -> tuple[torch.Tensor, list[str]]:
@@ -171,6 +171,22 @@ def encode_captions(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch
     return enc.input_ids, enc.attention_mask
 
 
+def denoising_loss(unet, text_encoder, tokenizer, sched, latents: torch.Tensor, captions: list[str],
+                   noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Noise-prediction MSE with padding hidden from cross-attention."""
+    ids, mask = encode_captions(tokenizer, captions)
+    text = text_encoder(ids, attention_mask=mask).last_hidden_state
+    noisy = sched.add_noise(latents, noise, t)
+    pred = unet(noisy, t, encoder_hidden_states=text, encoder_attention_mask=mask).sample
+    return F.mse_loss(pred, noise)
+
+
+def reconstruction_loss(vae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+    """L1 + L2 reconstruction error of the posterior mean."""
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return F.l1_loss(rec, x) + F.mse_loss(rec, x)
+
+
 def train_unet(cfg: TeacherConfig, vae: AutoencoderKL, unet: UNet2DConditionModel,
                text_encoder: CLIPTextModel, tokenizer, work: Path) -> None:
     rng = random.Random(cfg.seed + 2)
@@ -190,13 +206,9 @@ def train_unet(cfg: TeacherConfig, vae: AutoencoderKL, unet: UNet2DConditionMode
         captions = [c if rng.random() >= cfg.caption_dropout else "" for c in captions]
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.sample() * scale
-        ids, mask = encode_captions(tokenizer, captions)
-        text = text_encoder(ids, attention_mask=mask).last_hidden_state
         noise = torch.randn_like(latents)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(x),))
-        noisy = sched.add_noise(latents, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=text, encoder_attention_mask=mask).sample
-        loss = F.mse_loss(pred, noise)
+        loss = denoising_loss(unet, text_encoder, tokenizer, sched, latents, captions, noise, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,0 +1,5 @@
+import sys
+
+from lavender.cli import main
+
+sys.exit(main())

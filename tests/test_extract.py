@@ -1,0 +1,160 @@
+"""Stage 1 end to end on tiny random pipelines: words, bad input, resume, sharding across processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from lavender.data.targets import AttentionTargets
+from lavender.diffusion.extract import ExtractConfig, Extractor, finalize_store, normalise, run_extract, word_maps
+from lavender.diffusion.words import words_to_tokens
+
+
+def _config(pipe: str, data: Path, out: Path, **kw) -> ExtractConfig:
+    settings = {"batch_size": 4, "resolution": 8, "inversion_steps": 2, "denoise_steps": 2, "device": "cpu"}
+    return ExtractConfig(diffusion=pipe, data=str(data), out=str(out), **{**settings, **kw})
+
+
+def _assert_same_store(a: AttentionTargets, b: AttentionTargets) -> None:
+    assert sorted(a) == sorted(b)
+    for sid in a:
+        ma, mb = a[sid], b[sid]
+        assert list(ma) == list(mb)
+        for w in ma:
+            np.testing.assert_allclose(ma[w], mb[w], atol=2e-3)
+
+
+def test_subword_tokens_merge_into_one_word(tiny_sd):
+    tok = CLIPTokenizer.from_pretrained(Path(tiny_sd) / "tokenizer")
+    text = "a red octagon, left of circles!"
+    enc = tok(text, return_offsets_mapping=True)
+    tokens = tok.convert_ids_to_tokens(enc.input_ids)
+    groups = {wt.word: wt.tokens for wt in words_to_tokens(text, enc.offset_mapping)}
+    assert list(groups) == ["a", "red", "octagon", "left", "of", "circles"]  # punctuation is no word
+    assert len(groups["octagon"]) > 2
+    assert "".join(tokens[i] for i in groups["octagon"]).replace("</w>", "") == "octagon"
+    assert len(groups["circles"]) == 1 and len(groups["red"]) == 1
+
+    token_maps = torch.rand(len(tokens), 4, 4)
+    maps = word_maps(text, enc.offset_mapping, token_maps)
+    expected = normalise(token_maps[list(groups["octagon"])].sum(0, keepdim=True))[0]
+    np.testing.assert_allclose(maps["octagon"], expected.numpy(), atol=1e-6)
+    assert maps["octagon"].min() == 0 and maps["octagon"].max() == pytest.approx(1)
+
+
+def test_repeated_word_gets_mean_of_occurrences(tiny_sd):
+    tok = CLIPTokenizer.from_pretrained(Path(tiny_sd) / "tokenizer")
+    text = "a red circle and a red square"
+    enc = tok(text, return_offsets_mapping=True)
+    token_maps = torch.rand(len(enc.input_ids), 3, 3)
+    reds = [wt.tokens[0] for wt in words_to_tokens(text, enc.offset_mapping) if wt.word == "red"]
+    assert len(reds) == 2
+    expected = normalise(token_maps[reds].mean(0, keepdim=True))[0]
+    np.testing.assert_allclose(word_maps(text, enc.offset_mapping, token_maps)["red"], expected.numpy(), atol=1e-6)
+
+
+def test_truncation_drops_cut_words():
+    text = "one two three"
+    # the third word was cut off entirely, the second half-way
+    offsets = [(0, 0), (0, 3), (4, 6), (0, 0)]
+    words = [wt.word for wt in words_to_tokens(text, offsets)]
+    assert words == ["one"]
+
+
+def test_extract_end_to_end_and_bad_input(tiny_sd, tiny_world, tmp_path, caplog):
+    records = json.loads((tiny_world / "train.json").read_text())[:6]
+    (tiny_world / "corrupt.png").write_bytes(b"not a png at all")
+    long_caption = " ".join(["a red circle left of a blue square"] * 8) + " zebra"
+    records += [
+        {"id": "missing", "image": "images/nope.png", "conversations": records[0]["conversations"]},
+        {"id": "corrupt", "image": "corrupt.png", "conversations": records[0]["conversations"]},
+        {"id": "empty", "image": records[0]["image"], "conversations": [
+            {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "  "}]},
+        {"id": "long", "image": records[1]["image"], "conversations": [
+            {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": long_caption}]},
+    ]
+    data = tiny_world / "bad.json"
+    data.write_text(json.dumps(records))
+    with caplog.at_level(logging.WARNING):
+        root = run_extract(_config(tiny_sd, data, tmp_path / "store"))
+    targets = AttentionTargets(root)
+    assert len(targets) == 7  # 6 good + the truncated one
+    assert {f["id"]: f["reason"].split(":")[0] for f in targets.failures()} == {
+        "missing": "image not found", "corrupt": "unreadable image", "empty": "empty caption"}
+    assert any("truncated" in r.getMessage() and "long" in r.getMessage() for r in caplog.records)
+    assert "zebra" not in targets["long"] and "red" in targets["long"]
+    first = records[0]
+    caption = first["conversations"][1]["value"]
+    maps = targets[first["id"]]
+    assert set(maps) == {w.strip(",").lower() for w in caption.split()}
+    for m in maps.values():
+        assert m.shape == (8, 8) and m.dtype == np.float32
+        assert m.min() == pytest.approx(0, abs=1e-3) and m.max() == pytest.approx(1, abs=1e-3)
+    info = json.loads((Path(root) / "store.json").read_text())
+    assert info["diffusion_model"] == tiny_sd and info["settings"]["resolution"] == 8
+
+
+def test_settings_mismatch_is_refused(tiny_sd, tiny_world, tmp_path):
+    run_extract(_config(tiny_sd, tiny_world / "test.json", tmp_path / "s"))
+    with pytest.raises(ValueError, match="other settings"):
+        run_extract(_config(tiny_sd, tiny_world / "test.json", tmp_path / "s", denoise_steps=3))
+    run_extract(_config(tiny_sd, tiny_world / "test.json", tmp_path / "s", denoise_steps=3, overwrite=True))
+    assert AttentionTargets(tmp_path / "s").settings["denoise_steps"] == 3
+
+
+def test_resume_after_interrupted_run_does_only_the_rest(tiny_sd, tiny_world, tmp_path, monkeypatch):
+    data = tiny_world / "train.json"
+    reference = run_extract(_config(tiny_sd, data, tmp_path / "ref", shard_size=2, batch_size=2))
+
+    calls: list[int] = []
+    original = Extractor.__call__
+
+    def crashing(self, images, texts):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # dies in the middle of a shard
+        calls.append(len(images))
+        return original(self, images, texts)
+
+    monkeypatch.setattr(Extractor, "__call__", crashing)
+    out = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(_config(tiny_sd, data, out, shard_size=2, batch_size=2))
+    (out / ".shard-r0-deadbeef.safetensors.x.tmp").write_bytes(b"half a shard")  # a write cut short
+    partial = AttentionTargets(out)
+    assert len(partial) == 6  # three finished shards of two
+
+    calls.clear()
+    monkeypatch.setattr(Extractor, "__call__", lambda self, i, t: (calls.append(len(i)), original(self, i, t))[1])
+    run_extract(_config(tiny_sd, data, out, shard_size=2, batch_size=2))
+    assert sum(calls) == 12 - 6
+    _assert_same_store(AttentionTargets(out), AttentionTargets(reference))
+
+
+def test_processes_share_the_work_and_make_one_store(tiny_sd, tiny_world, tmp_path):
+    data = tiny_world / "train.json"
+    single = run_extract(_config(tiny_sd, data, tmp_path / "single"))
+    out = tmp_path / "multi"
+    for rank in (0, 1):
+        run_extract(_config(tiny_sd, data, out), process_index=rank, num_processes=2, finalize=False)
+    assert {p.name.split("-")[1] for p in out.glob("shard-*.safetensors")} == {"r0", "r1"}
+    finalize_store(out)
+    _assert_same_store(AttentionTargets(out), AttentionTargets(single))
+    assert json.loads((out / "index.json").read_text())["samples"].keys() == set(AttentionTargets(single))
+
+
+def test_guidance_records_conditional_half_only(tiny_sd, tiny_world, tmp_path):
+    """With guidance the unconditional rows are computed but never recorded."""
+    data = tiny_world / "test.json"
+    plain = AttentionTargets(run_extract(_config(tiny_sd, data, tmp_path / "plain", denoise_steps=1)))
+    guided = AttentionTargets(run_extract(_config(tiny_sd, data, tmp_path / "guided", denoise_steps=1,
+                                                  guidance_scale=3.0)))
+    # one denoising step starts from the same inverted latents, so the recorded conditional maps agree
+    _assert_same_store(plain, guided)
+    shutil.rmtree(tmp_path / "plain")
