@@ -53,7 +53,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def _is_optional(tp: Any) -> bool:
-    return (isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union) and type(None) in typing.get_args(tp)
+    is_union = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+    return is_union and type(None) in typing.get_args(tp)
 
 
 def _check_type(cls: type, name: str, value: Any, tp: Any) -> Any:

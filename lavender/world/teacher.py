@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lavender.utils.io import atomic_save_torch
 from lavender.world.scenes import make_scene, world_vocabulary
@@ -226,7 +226,7 @@ def train_unet(cfg: TeacherConfig, vae: AutoencoderKL, unet: UNet2DConditionMode
 
 
 def save_pipeline(cfg: TeacherConfig, vae, unet, text_encoder, tokenizer, out: Path) -> None:
-    scheduler = DDIMScheduler.from_config(noise_scheduler().config)
+    scheduler = DDIMScheduler.from_config(noise_scheduler().config, steps_offset=1, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -243,7 +243,10 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     out, work = Path(cfg.out), Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     max_length = 24
-    tokenizer = save_clip_tokenizer(world_vocabulary(), work / "tokenizer", model_max_length=max_length)
+    if (work / "tokenizer" / "tokenizer_config.json").exists():  # a resumed run keeps its vocabulary
+        tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    else:
+        tokenizer = save_clip_tokenizer(world_vocabulary(), work / "tokenizer", model_max_length=max_length)
     vae = build_vae()
     train_vae(cfg, vae, work)
     vae.register_to_config(scaling_factor=latent_scale(vae, cfg), sample_size=cfg.image_size)
