@@ -33,7 +33,7 @@ HELD_OUT: frozenset[tuple[str, str]] = frozenset(
 RELATIONS = ("left of", "right of", "above", "below")
 FIXED_WORDS = ("a", "an", "and", "left", "right", "of", "above", "below", "is", "there", "the", "what",
                "colour", "shape", "object", "how", "many", "objects", "are", "yes", "no", "describe",
-               "image") + NUMBER_WORDS
+               "image") + NUMBER_WORDS[1:]
 
 
 @dataclass
@@ -75,7 +75,11 @@ class Scene:
 
 
 def world_vocabulary() -> list[str]:
-    """Every word a shapes-world caption or question can contain."""
+    """The whole-word tokens of the shapes tokenizers: every caption and question word.
+
+    Kept as the shipped teacher was trained with it (the answer "zero" is not in it and
+    tokenizes into pieces), since a change would shift the teacher's token ids.
+    """
     plural = [s + "s" for s in SHAPES]
     return sorted(set(FIXED_WORDS) | set(COLOURS) | set(SHAPES) | set(plural))
 
