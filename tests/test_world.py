@@ -309,13 +309,9 @@ def test_world_vocabulary_covers_captions_and_questions():
     assert used <= vocab, used - vocab
 
 
-def test_world_vocabulary_covers_captions_and_questions(tmp_path):
+def test_answer_words_outside_the_vocabulary_still_tokenize(tmp_path):
     from lavender.world.tokenizer import save_clip_tokenizer
 
-    vocab = set(world_vocabulary())
-    texts = [t for s in scenes(14, 60) for t in [s.caption] + [q for q, _ in s.qa]]
-    words = {w.strip("?,").lower() for t in texts for w in t.split()}
-    assert words <= vocab, words - vocab
     tok = save_clip_tokenizer(world_vocabulary(), tmp_path / "tok")
     assert len(tok.tokenize("zero")) > 1  # an answer word outside the vocabulary still tokenizes
 
