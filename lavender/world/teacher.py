@@ -5,6 +5,11 @@ Training has two phases, each resumable from its own checkpoint:
 2. a CLIP text encoder and a UNet2DConditionModel with cross-attention at 16x16 and
    8x8, trained with the usual noise-prediction loss on those latents.
 
+The text encoder has no transformer layers by default (embeddings and final norm only).
+With even one causal layer the shape word, which follows its colour word, also carries
+the colour, the UNet reads both from it, and colour words stop grounding (measured in
+docs/shapes-world.md); with none, each token means only its own word.
+
 Padding tokens are masked out of cross-attention (`encoder_attention_mask`); a
 `lavender.json` beside `model_index.json` records that, and `lavender extract`
 reads it so that it extracts with the same mask the teacher was trained with.
