@@ -5,8 +5,8 @@ For each model, on the same batch:
   * baseline: the same number of VAE and UNet passes with the stock (fused SDPA) processors.
 
 Time: the two are timed alternately, `--repeats` times each, and the ratio of medians printed.
-Memory: each variant runs once in a fresh child process; the ratio of peak resident memory
-(VmHWM) is printed, both in total and above the level after loading the model.
+Memory: each variant runs in fresh child processes (`--memory-repeats`, alternating); the ratio of the
+median peak resident memory (VmHWM) is printed, in total and above the level after loading the model.
 
     python benchmarks/extract.py                     # shapes teacher + scaled-down SD v1.4 UNet
     python benchmarks/extract.py --models teacher
@@ -133,7 +133,11 @@ def measure(name: str, model: str, args) -> dict:
             fn(extractor, images, texts)
             times[key].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    mem = {k: memory(model, k, args) for k in VARIANTS}
+    runs = {k: [] for k in VARIANTS}
+    for _ in range(args.memory_repeats):  # alternate the variants; the allocator makes single runs noisy
+        for k in VARIANTS:
+            runs[k].append(memory(model, k, args))
+    mem = {k: {f: statistics.median(r[f] for r in v) for f in ("peak_kb", "extra_kb")} for k, v in runs.items()}
     return {
         "model": name, "image_size": extractor.image_size, "batch": args.batch_size,
         "stage1_s": med["stage1"], "baseline_s": med["baseline"], "time_ratio": med["stage1"] / med["baseline"],
@@ -149,6 +153,7 @@ def main() -> None:
                         help="'teacher', 'sd14-small' or pipeline directories")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-repeats", type=int, default=3, help="child processes per variant")
     parser.add_argument("--inversion-steps", type=int, default=5)
     parser.add_argument("--denoise-steps", type=int, default=10)
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)

@@ -13,6 +13,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from lavender.data.targets import AttentionTargets
+from lavender.diffusion.capture import AttentionRecorder
 from lavender.diffusion.extract import ExtractConfig, Extractor, finalize_store, normalise, run_extract, word_maps
 from lavender.diffusion.words import words_to_tokens
 
@@ -158,3 +159,26 @@ def test_guidance_records_conditional_half_only(tiny_sd, tiny_world, tmp_path):
     # one denoising step starts from the same inverted latents, so the recorded conditional maps agree
     _assert_same_store(plain, guided)
     shutil.rmtree(tmp_path / "plain")
+
+
+def test_sd14_layout_pools_and_upsamples_every_cross_attention_level(tmp_path, tiny_world, monkeypatch):
+    """SD v1.4's block layout: cross-attention at four grid sides, 77-token text, VAE factor 8."""
+    from lavender.world.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(tmp_path / "sd14", sd14_like=True, channels=(16, 16, 32, 32), text_width=32,
+                         max_length=77, sample_size=16)
+    out = run_extract(_config(str(pipe), tiny_world / "test.json", tmp_path / "s", resolution=8))
+    targets = AttentionTargets(out)
+    assert targets.settings["image_size"] == 128 and targets.settings["mask_padding"] is False
+    maps = targets[next(iter(targets))]
+    assert maps and all(m.shape == (8, 8) for m in maps.values())
+    recorder_sides = []
+    original = AttentionRecorder.add
+
+    def spy(self, probs):
+        recorder_sides.append(self.grid(probs.shape[2])[0])
+        return original(self, probs)
+
+    monkeypatch.setattr(AttentionRecorder, "add", spy)
+    run_extract(_config(str(pipe), tiny_world / "test.json", tmp_path / "s2", resolution=8, limit=1))
+    assert set(recorder_sides) == {16, 8, 4, 2}  # finer than, equal to and coarser than the maps

@@ -236,7 +236,8 @@ def save_pipeline(cfg: TeacherConfig, vae, unet, text_encoder, tokenizer, out: P
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out)
-    meta = {"mask_padding": True, "resolution": cfg.image_size, "training": asdict(cfg)}
+    training = {k: v for k, v in asdict(cfg).items() if k not in ("out", "work_dir", "threads")}
+    meta = {"mask_padding": True, "resolution": cfg.image_size, "training": training}
     (out / LAVENDER_FILE).write_text(json.dumps(meta, indent=2))
 
 

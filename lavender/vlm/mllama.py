@@ -1,0 +1,107 @@
+"""Mllama (Llama 3.2 Vision): where its image keys sit, how they map onto the image, how to capture rows.
+
+Keys of a cross-attention layer are laid out per image as `[tile][CLS, patches]`:
+`max_num_tiles` tiles of `1 + G*G` tokens each (G = image_size / patch_size), the CLS token first and the
+patches row-major. The processor cuts the resized image into tiles row-major over an (n_rows, n_cols) grid
+given by `aspect_ratio_ids`; tiles beyond n_rows * n_cols are padding and masked out.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+def supported_tile_grids(max_num_tiles: int) -> list[tuple[int, int]]:
+    """Every tile grid with at most `max_num_tiles` tiles, in the order of Mllama's aspect-ratio ids."""
+    return [(a, b) for a in range(1, max_num_tiles + 1) for b in range(1, max_num_tiles + 1) if a * b <= max_num_tiles]
+
+
+def tile_arrangement(aspect_ratio_id: int, max_num_tiles: int) -> tuple[int, int]:
+    """(tile rows, tile columns) of an `aspect_ratio_id` (1-based; 0 marks a padding image)."""
+    ratios = supported_tile_grids(max_num_tiles)
+    if not 1 <= aspect_ratio_id <= len(ratios):
+        raise ValueError(f"aspect_ratio_id {aspect_ratio_id} outside 1..{len(ratios)} for {max_num_tiles} tiles")
+    n_rows, n_cols = ratios[aspect_ratio_id - 1]  # the processor reads each pair as (height, width) in tiles
+    return n_rows, n_cols
+
+
+def keys_to_canvas(values: torch.Tensor, aspect_ratio_id: int, max_num_tiles: int, grid: int) -> torch.Tensor:
+    """Lay one image's key values (..., max_num_tiles * (1 + grid**2)) out on its tile canvas.
+
+    Drops every tile's CLS token and the padding tiles, rebuilds each tile's grid x grid patches and
+    places tile t at tile row t // n_cols, column t % n_cols. Returns (..., n_rows * grid, n_cols * grid).
+    """
+    per_tile = 1 + grid * grid
+    if values.shape[-1] != max_num_tiles * per_tile:
+        raise ValueError(f"expected {max_num_tiles} x {per_tile} keys, got {values.shape[-1]}")
+    n_rows, n_cols = tile_arrangement(aspect_ratio_id, max_num_tiles)
+    lead = values.shape[:-1]
+    tiles = values.reshape(*lead, max_num_tiles, per_tile)[..., : n_rows * n_cols, 1:]  # (..., T, G*G)
+    tiles = tiles.reshape(*lead, n_rows, n_cols, grid, grid)  # (..., tile row, tile col, r, c)
+    canvas = tiles.movedim(-3, -2)  # (..., tile row, r, tile col, c)
+    return canvas.reshape(*lead, n_rows * grid, n_cols * grid)
+
+
+def cross_attention_layers(model) -> list[int]:
+    """Indices of the text decoder layers that cross-attend to the image."""
+    return list(model.config.text_config.cross_attention_layers)
+
+
+def _text_layers(model):
+    inner = getattr(model, "model", model)
+    return inner.language_model.layers
+
+
+def repeat_kv(k: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, KVH, N, D) -> (B, KVH * groups, N, D), each key head serving `groups` query heads."""
+    return k if groups == 1 else k.repeat_interleave(groups, dim=1)
+
+
+@contextmanager
+def capture_cross_attention_rows(model, layers: list[int] | None = None, rows: torch.Tensor | None = None):
+    """Record softmax attention rows of the given cross-attention layers during a forward pass.
+
+    Hooks read the layer's own normalised queries and keys (after `q_norm`/`k_norm`) and the additive mask
+    it is given, and compute `softmax(q k^T * scaling + mask)` for the query positions `rows` only (all
+    positions if None); the layer itself keeps its configured attention kernel. Yields a dict that fills with
+    `layer index -> (B, heads, len(rows), keys)`; it keeps the graph, so a loss on it trains q and k.
+    """
+    layers = cross_attention_layers(model) if layers is None else layers
+    decoder = _text_layers(model)
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for idx in layers:
+        attn = decoder[idx].cross_attn
+        state: dict[str, torch.Tensor | None] = {}
+
+        def keep_mask(module, args, kwargs, state=state):
+            state["mask"] = kwargs.get("attention_mask")
+
+        def keep_q(module, args, out, state=state):
+            state["q"] = out
+
+        def keep_k(module, args, out, state=state):
+            state["k"] = out
+
+        def compute(module, args, kwargs, out, state=state, idx=idx):
+            q, k, mask = state.pop("q"), state.pop("k", None), state.pop("mask", None)
+            if k is None:
+                return  # decoding from cached keys: nothing new to align
+            if rows is not None:
+                q = q[:, :, rows]
+                mask = None if mask is None else mask[:, :, rows]
+            scores = q @ repeat_kv(k, module.num_key_value_groups).transpose(-1, -2) * module.scaling
+            if mask is not None:
+                scores = scores + mask[..., : k.shape[-2]]
+            captured[idx] = scores.float().softmax(dim=-1).to(q.dtype)  # (B, heads, rows, keys)
+
+        handles += [attn.register_forward_pre_hook(keep_mask, with_kwargs=True),
+                    attn.q_norm.register_forward_hook(keep_q), attn.k_norm.register_forward_hook(keep_k),
+                    attn.register_forward_hook(compute, with_kwargs=True)]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()

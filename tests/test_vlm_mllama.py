@@ -1,0 +1,108 @@
+"""Mllama: captured cross-attention rows equal the eager model's probabilities; tiles land where they belong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import MllamaConfig, MllamaForConditionalGeneration
+from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+from lavender.vlm.mllama import capture_cross_attention_rows, keys_to_canvas, tile_arrangement
+
+GRID, TILES = 2, 4  # 28-pixel tiles of 14-pixel patches, up to 4 tiles
+
+
+def tiny_mllama(attn: str) -> MllamaForConditionalGeneration:
+    torch.manual_seed(0)
+    config = MllamaConfig(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=2, image_size=28, patch_size=14, max_num_tiles=TILES,
+                           vision_output_dim=32, intermediate_layers_indices=[0],
+                           supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]),
+        text_config=dict(vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=2, hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
+                         rope_scaling={"rope_type": "default"}),
+        image_token_index=63,
+    )
+    config._attn_implementation = attn
+    return MllamaForConditionalGeneration(config).eval()
+
+
+def inputs(batch: int = 2, seq: int = 9) -> dict:
+    torch.manual_seed(1)
+    ids = torch.randint(0, 60, (batch, seq))
+    ids[:, 2] = 63  # the image token; text before it sees no image
+    cross = torch.zeros(batch, seq, 1, TILES, dtype=torch.long)
+    cross[0, 2:, 0, :2] = 1  # sample 0: two real tiles
+    cross[1, 2:, 0, :4] = 1  # sample 1: four
+    ar_mask = torch.tensor([[[1, 1, 0, 0]], [[1, 1, 1, 1]]])
+    return dict(input_ids=ids, pixel_values=torch.randn(batch, 1, TILES, 3, 28, 28),
+                aspect_ratio_ids=torch.tensor([[2], [6]]), aspect_ratio_mask=ar_mask,
+                cross_attention_mask=cross)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_captured_rows_equal_eager_attention(attn):
+    eager = tiny_mllama("eager")
+    model = tiny_mllama(attn)
+    model.load_state_dict(eager.state_dict())
+    batch = inputs()
+    with torch.no_grad():
+        reference = eager(**batch, output_attentions=True).attentions[1]  # (B, heads, S, keys)
+        rows = torch.tensor([2, 4, 8])
+        with capture_cross_attention_rows(model, rows=rows) as captured:
+            out = model(**batch)
+    assert reference.shape == (2, 4, 9, TILES * (1 + GRID * GRID))
+    torch.testing.assert_close(captured[1], reference[:, :, rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, eager(**batch).logits, atol=1e-5, rtol=1e-5)
+    # padding tiles get no attention
+    assert captured[1][0, ..., 2 * (1 + GRID * GRID):].abs().max() < 1e-6
+
+
+def test_captured_rows_carry_gradients_to_the_query_and_key_projections():
+    model = tiny_mllama("sdpa")
+    with capture_cross_attention_rows(model) as captured:
+        model(**inputs())
+    captured[1][:, :, 4:].sum(dim=(0, 1, 2))[:5].pow(2).sum().backward()
+    attn = model.model.language_model.layers[1].cross_attn
+    assert attn.q_proj.weight.grad.abs().sum() > 0 and attn.k_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("aspect_ratio_id", range(1, 9))
+def test_marker_in_tile_lands_on_its_canvas_cell(aspect_ratio_id):
+    n_rows, n_cols = tile_arrangement(aspect_ratio_id, TILES)
+    for tile in range(n_rows * n_cols):
+        for r in range(GRID):
+            for c in range(GRID):
+                keys = torch.zeros(TILES * (1 + GRID * GRID))
+                keys[tile * (1 + GRID * GRID) + 1 + r * GRID + c] = 1.0
+                keys[tile * (1 + GRID * GRID)] = 5.0  # a CLS value must never reach the canvas
+                canvas = keys_to_canvas(keys, aspect_ratio_id, TILES, GRID)
+                assert canvas.shape == (n_rows * GRID, n_cols * GRID)
+                expected = torch.zeros_like(canvas)
+                expected[(tile // n_cols) * GRID + r, (tile % n_cols) * GRID + c] = 1.0
+                torch.testing.assert_close(canvas, expected)
+
+
+@pytest.mark.parametrize("size", [(28, 28), (56, 28), (28, 56), (112, 28), (28, 84), (56, 56)])
+def test_processor_tiles_follow_the_canvas_layout(size):
+    """A patch's pixels, cut out by the real image processor, sit at that patch's canvas cell."""
+    w, h = size
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    proc = MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=TILES, do_normalize=False,
+                                   do_rescale=False, resample=Image.NEAREST)
+    out = proc(images=[[image]], return_tensors="pt")
+    ar_id = int(out["aspect_ratio_ids"][0, 0])
+    n_rows, n_cols = tile_arrangement(ar_id, TILES)
+    assert (n_rows * 28, n_cols * 28) == (h, w)  # these sizes fill their canvas exactly
+    tiles = out["pixel_values"][0, 0]  # (TILES, 3, 28, 28)
+    # the mean pixel of every patch, as a key vector with a dummy CLS per tile
+    patch_means = tiles.reshape(TILES, 3, GRID, 14, GRID, 14).mean(dim=(1, 3, 5)).reshape(TILES, -1)
+    keys = torch.cat([torch.zeros(TILES, 1), patch_means], dim=1).reshape(-1)
+    canvas = keys_to_canvas(keys, ar_id, TILES, GRID)
+    direct = torch.from_numpy(np.asarray(image, np.float32)).mean(-1).reshape(h // 14, 14, w // 14, 14).mean((1, 3))
+    torch.testing.assert_close(canvas, direct, atol=1e-3, rtol=1e-4)
