@@ -12,6 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
+from lavender.vlm.attention import attention_rows
+
 
 def supported_tile_grids(max_num_tiles: int) -> list[tuple[int, int]]:
     """Every tile grid with at most `max_num_tiles` tiles, in the order of Mllama's aspect-ratio ids."""
@@ -54,11 +56,6 @@ def _text_layers(model):
     return inner.language_model.layers
 
 
-def repeat_kv(k: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, KVH, N, D) -> (B, KVH * groups, N, D), each key head serving `groups` query heads."""
-    return k if groups == 1 else k.repeat_interleave(groups, dim=1)
-
-
 @contextmanager
 def capture_cross_attention_rows(model, layers: list[int] | None = None, rows: torch.Tensor | None = None):
     """Record softmax attention rows of the given cross-attention layers during a forward pass.
@@ -92,10 +89,8 @@ def capture_cross_attention_rows(model, layers: list[int] | None = None, rows: t
             if rows is not None:
                 q = q[:, :, rows]
                 mask = None if mask is None else mask[:, :, rows]
-            scores = q @ repeat_kv(k, module.num_key_value_groups).transpose(-1, -2) * module.scaling
-            if mask is not None:
-                scores = scores + mask[..., : k.shape[-2]]
-            captured[idx] = scores.float().softmax(dim=-1).to(q.dtype)  # (B, heads, rows, keys)
+            mask = None if mask is None else mask[..., : k.shape[-2]]
+            captured[idx] = attention_rows(q, k, module.scaling, module.num_key_value_groups, mask)
 
         handles += [attn.register_forward_pre_hook(keep_mask, with_kwargs=True),
                     attn.q_norm.register_forward_hook(keep_q), attn.k_norm.register_forward_hook(keep_k),
