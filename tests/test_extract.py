@@ -14,8 +14,9 @@ from transformers import CLIPTokenizer
 
 from lavender.data.targets import AttentionTargets
 from lavender.diffusion.capture import AttentionRecorder
-from lavender.diffusion.extract import ExtractConfig, Extractor, finalize_store, normalise, run_extract, word_maps
+from lavender.diffusion.extract import ExtractConfig, Extractor, finalize_store, run_extract, word_maps
 from lavender.diffusion.words import words_to_tokens
+from lavender.utils.maps import min_max
 
 
 def _config(pipe: str, data: Path, out: Path, **kw) -> ExtractConfig:
@@ -45,7 +46,7 @@ def test_subword_tokens_merge_into_one_word(tiny_sd):
 
     token_maps = torch.rand(len(tokens), 4, 4)
     maps = word_maps(text, enc.offset_mapping, token_maps)
-    expected = normalise(token_maps[list(groups["octagon"])].sum(0, keepdim=True))[0]
+    expected = min_max(token_maps[list(groups["octagon"])].sum(0, keepdim=True))[0]
     np.testing.assert_allclose(maps["octagon"], expected.numpy(), atol=1e-6)
     assert maps["octagon"].min() == 0 and maps["octagon"].max() == pytest.approx(1)
 
@@ -57,7 +58,7 @@ def test_repeated_word_gets_mean_of_occurrences(tiny_sd):
     token_maps = torch.rand(len(enc.input_ids), 3, 3)
     reds = [wt.tokens[0] for wt in words_to_tokens(text, enc.offset_mapping) if wt.word == "red"]
     assert len(reds) == 2
-    expected = normalise(token_maps[reds].mean(0, keepdim=True))[0]
+    expected = min_max(token_maps[reds].mean(0, keepdim=True))[0]
     np.testing.assert_allclose(word_maps(text, enc.offset_mapping, token_maps)["red"], expected.numpy(), atol=1e-6)
 
 

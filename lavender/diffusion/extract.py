@@ -26,6 +26,7 @@ from lavender.diffusion.capture import AttentionRecorder, capture_cross_attentio
 from lavender.diffusion.inversion import denoise, invert
 from lavender.diffusion.words import words_to_tokens
 from lavender.utils.io import atomic_write_json, atomic_write_text
+from lavender.utils.maps import min_max
 
 log = logging.getLogger(__name__)
 LAVENDER_FILE = "lavender.json"  # optional sidecar of a pipeline directory
@@ -91,13 +92,6 @@ def load_pipeline(cfg: ExtractConfig, device: torch.device):
     return pipe.to(device)
 
 
-def normalise(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max each map of (N, R, R) to [0, 1]; a constant map becomes all zeros."""
-    flat = maps.flatten(1)
-    lo, hi = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(maps)
-
-
 def word_maps(text: str, offsets: list[tuple[int, int]], token_maps: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-word maps from per-token maps (L, R, R).
 
@@ -112,7 +106,7 @@ def word_maps(text: str, offsets: list[tuple[int, int]], token_maps: torch.Tenso
         return {}
     words = list(per_word)
     stacked = torch.stack([torch.stack(per_word[w]).mean(dim=0) for w in words])
-    return dict(zip(words, normalise(stacked).cpu().numpy()))
+    return dict(zip(words, min_max(stacked).cpu().numpy()))
 
 
 def preprocess(image: Image.Image, size: int) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""The Aligner: a small network from aggregated VLM attention to a map comparable with the stage-1 target.
+
+Input: (N, C, h, w) attention on the image plane, C = 1 after aggregation or C = heads when heads are the
+input channels. It is resized to the target resolution, passed through `depth` 3x3 conv blocks (bias-free
+conv, norm, ReLU6) and a 1x1 conv to one channel, or through an MLP, and min-max normalised per map exactly
+as stage 1 normalises its targets.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lavender.utils.maps import min_max
+
+DEPTHS = {"light": 1, "sim": 2, "deep": 4}
+NORMS = ("instance", "batch", "group", "none")
+
+
+@dataclass
+class AlignerConfig:
+    kind: str = field(default="conv", metadata={"help": "conv|mlp"})
+    depth: str = field(default="sim", metadata={"help": "light (1 block), sim (2), deep (4), or a number"})
+    in_channels: int = field(default=1, metadata={"help": "1 after aggregation, or the number of heads"})
+    hidden: int = field(default=32, metadata={"help": "channels of the conv blocks / width of the MLP"})
+    norm: str = field(default="instance", metadata={"help": "instance|batch|group|none"})
+    resolution: int = field(default=32, metadata={"help": "side of the output map (the targets' resolution)"})
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("conv", "mlp"):
+            raise ValueError(f"aligner kind must be conv or mlp, got {self.kind!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"aligner norm must be one of {NORMS}, got {self.norm!r}")
+        self.depth = str(self.depth)
+        if self.num_blocks < 1:
+            raise ValueError("aligner depth must be at least 1")
+
+    @property
+    def num_blocks(self) -> int:
+        return DEPTHS[self.depth] if self.depth in DEPTHS else int(self.depth)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    return nn.Identity()
+
+
+class Aligner(nn.Module):
+    def __init__(self, cfg: AlignerConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.kind == "conv":
+            layers: list[nn.Module] = []
+            channels = cfg.in_channels
+            for _ in range(cfg.num_blocks):
+                layers += [nn.Conv2d(channels, cfg.hidden, 3, padding=1, bias=False), _norm(cfg.norm, cfg.hidden),
+                           nn.ReLU6()]
+                channels = cfg.hidden
+            layers.append(nn.Conv2d(channels, 1, 1))
+            self.net = nn.Sequential(*layers)
+        else:
+            area = cfg.resolution * cfg.resolution
+            dims = [cfg.in_channels * area] + [cfg.hidden * 8] * cfg.num_blocks
+            layers = []
+            for a, b in itertools.pairwise(dims):
+                layers += [nn.Linear(a, b), nn.ReLU6()]
+            layers.append(nn.Linear(dims[-1], area))
+            self.net = nn.Sequential(nn.Flatten(), *layers)
+
+    def forward(self, attention: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) -> (N, R, R) in [0, 1]."""
+        r = self.cfg.resolution
+        x = attention.float()
+        if x.shape[-2:] != (r, r):
+            x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False)
+        out = self.net(x).view(-1, r, r)
+        return min_max(out)
