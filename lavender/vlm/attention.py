@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 
 
 def repeat_kv(k: torch.Tensor, groups: int) -> torch.Tensor:
@@ -24,3 +28,37 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, scaling: float, groups: int
         else:
             scores = scores + mask.float()
     return scores.softmax(dim=-1).to(q.dtype)
+
+
+@contextmanager
+def row_capture_hooks(targets: list[tuple[nn.Module, nn.Module, nn.Module]],
+                      compute: Callable[[nn.Module, int, dict], None]) -> Iterator[None]:
+    """Hook each (attention module, query module, key module) for one forward pass, then clean up.
+
+    During the attention module's forward, the outputs of its query and key modules and the keyword
+    arguments it was called with are collected; when it returns, `compute(module, index, seen)` runs with
+    `seen = {"q": ..., "k": ... (absent if no keys were computed), "kwargs": {...}}`.
+    """
+    handles = []
+    for index, (attn, q_module, k_module) in enumerate(targets):
+        seen: dict = {}
+
+        def keep_kwargs(module, args, kwargs, seen=seen):
+            seen.clear()
+            seen["kwargs"] = kwargs
+
+        def keep(name: str, seen=seen):
+            return lambda module, args, out: seen.__setitem__(name, out)
+
+        def done(module, args, kwargs, out, seen=seen, index=index):
+            compute(module, index, dict(seen))
+            seen.clear()
+
+        handles += [attn.register_forward_pre_hook(keep_kwargs, with_kwargs=True),
+                    q_module.register_forward_hook(keep("q")), k_module.register_forward_hook(keep("k")),
+                    attn.register_forward_hook(done, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

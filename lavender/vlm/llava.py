@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lavender.vlm.attention import attention_rows
+from lavender.vlm.attention import attention_rows, row_capture_hooks
 
 
 def patch_grid(model) -> int:
@@ -49,42 +49,25 @@ def capture_self_attention_rows(model, layers: list[int], rows: torch.Tensor | N
     """
     decoder = _text_layers(model)
     captured: dict[int, torch.Tensor] = {}
-    handles = []
-    for idx in layers:
-        attn = decoder[idx].self_attn
-        state: dict = {}
 
-        def keep_inputs(module, args, kwargs, state=state):
-            state["rope"], state["mask"] = kwargs["position_embeddings"], kwargs.get("attention_mask")
+    def compute(module, index: int, seen: dict) -> None:
+        q, k, kwargs = seen["q"], seen["k"], seen["kwargs"]
+        cos, sin = kwargs["position_embeddings"]
+        mask = kwargs.get("attention_mask")
+        b, s, _ = q.shape
+        q = q.view(b, s, -1, module.head_dim).transpose(1, 2)  # (B, H, S, D)
+        k = k.view(b, s, -1, module.head_dim).transpose(1, 2)  # (B, KVH, S, D)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        query_pos = torch.arange(s, device=q.device) if rows is None else rows.to(q.device)
+        allowed = (torch.arange(s, device=q.device)[None, :] <= query_pos[:, None])[None, None]  # causal
+        if mask is not None:  # the layer's own mask: boolean (sdpa) or additive (eager)
+            rows_mask = mask[:, :, query_pos, :s]
+            if rows_mask.dtype != torch.bool:
+                rows_mask = rows_mask > torch.finfo(rows_mask.dtype).min / 2
+            allowed = allowed & rows_mask
+        captured[layers[index]] = attention_rows(q[:, :, query_pos], k, module.scaling,
+                                                 module.num_key_value_groups, allowed)
 
-        def keep_q(module, args, out, state=state):
-            state["q"] = out
-
-        def keep_k(module, args, out, state=state):
-            state["k"] = out
-
-        def compute(module, args, kwargs, out, state=state, idx=idx):
-            q, k = state.pop("q"), state.pop("k")
-            (cos, sin), mask = state.pop("rope"), state.pop("mask")
-            b, s, _ = q.shape
-            q = q.view(b, s, -1, module.head_dim).transpose(1, 2)  # (B, H, S, D)
-            k = k.view(b, s, -1, module.head_dim).transpose(1, 2)  # (B, KVH, S, D)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            query_pos = torch.arange(s, device=q.device) if rows is None else rows.to(q.device)
-            allowed = torch.arange(s, device=q.device)[None, :] <= query_pos[:, None]  # (R, S) causal
-            allowed = allowed[None, None]
-            if mask is not None:
-                rows_mask = mask[:, :, query_pos, :s]
-                allowed = allowed & (rows_mask if rows_mask.dtype == torch.bool else rows_mask > torch.finfo(
-                    rows_mask.dtype).min / 2)
-            captured[idx] = attention_rows(q[:, :, query_pos], k, module.scaling, module.num_key_value_groups,
-                                           allowed)
-
-        handles += [attn.register_forward_pre_hook(keep_inputs, with_kwargs=True),
-                    attn.q_proj.register_forward_hook(keep_q), attn.k_proj.register_forward_hook(keep_k),
-                    attn.register_forward_hook(compute, with_kwargs=True)]
-    try:
+    targets = [(decoder[i].self_attn, decoder[i].self_attn.q_proj, decoder[i].self_attn.k_proj) for i in layers]
+    with row_capture_hooks(targets, compute):
         yield captured
-    finally:
-        for h in handles:
-            h.remove()

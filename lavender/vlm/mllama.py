@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from lavender.vlm.attention import attention_rows
+from lavender.vlm.attention import attention_rows, row_capture_hooks
 
 
 def supported_tile_grids(max_num_tiles: int) -> list[tuple[int, int]]:
@@ -68,35 +68,17 @@ def capture_cross_attention_rows(model, layers: list[int] | None = None, rows: t
     layers = cross_attention_layers(model) if layers is None else layers
     decoder = _text_layers(model)
     captured: dict[int, torch.Tensor] = {}
-    handles = []
-    for idx in layers:
-        attn = decoder[idx].cross_attn
-        state: dict[str, torch.Tensor | None] = {}
 
-        def keep_mask(module, args, kwargs, state=state):
-            state["mask"] = kwargs.get("attention_mask")
+    def compute(module, index: int, seen: dict) -> None:
+        if "k" not in seen:
+            return  # decoding from cached keys: nothing new to align
+        q, k, mask = seen["q"], seen["k"], seen["kwargs"].get("attention_mask")  # (B,H,S,D), (B,KVH,N,D)
+        if rows is not None:
+            q = q[:, :, rows]
+            mask = None if mask is None else mask[:, :, rows]
+        mask = None if mask is None else mask[..., : k.shape[-2]]
+        captured[layers[index]] = attention_rows(q, k, module.scaling, module.num_key_value_groups, mask)
 
-        def keep_q(module, args, out, state=state):
-            state["q"] = out
-
-        def keep_k(module, args, out, state=state):
-            state["k"] = out
-
-        def compute(module, args, kwargs, out, state=state, idx=idx):
-            q, k, mask = state.pop("q"), state.pop("k", None), state.pop("mask", None)
-            if k is None:
-                return  # decoding from cached keys: nothing new to align
-            if rows is not None:
-                q = q[:, :, rows]
-                mask = None if mask is None else mask[:, :, rows]
-            mask = None if mask is None else mask[..., : k.shape[-2]]
-            captured[idx] = attention_rows(q, k, module.scaling, module.num_key_value_groups, mask)
-
-        handles += [attn.register_forward_pre_hook(keep_mask, with_kwargs=True),
-                    attn.q_norm.register_forward_hook(keep_q), attn.k_norm.register_forward_hook(keep_k),
-                    attn.register_forward_hook(compute, with_kwargs=True)]
-    try:
+    targets = [(decoder[i].cross_attn, decoder[i].cross_attn.q_norm, decoder[i].cross_attn.k_norm) for i in layers]
+    with row_capture_hooks(targets, compute):
         yield captured
-    finally:
-        for h in handles:
-            h.remove()
