@@ -1,0 +1,62 @@
+"""Which VLM query rows stand for which target word.
+
+The aligned text (the text the stage-1 store was built from) is found inside the VLM's prompt string, its
+words are matched to the prompt's tokens by character offsets (so a word split into several sub-word
+tokens still matches), and each word is paired with a target word of the store:
+
+- `exact`: the same lower-cased word; `root`: the same lemma (simplemma, whose dictionaries ship with
+  the package, so nothing is downloaded at run time).
+- `input`: the rows of the word's own tokens; `predict`: the rows of the tokens that predict them (one
+  position earlier), which is what a next-token loss trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from lavender.diffusion.words import words_to_tokens
+
+MATCH_MODES = ("exact", "root")
+POSITIONS = ("input", "predict")
+
+
+@lru_cache(maxsize=65536)
+def root(word: str, lang: str = "en") -> str:
+    import simplemma
+
+    return simplemma.lemmatize(word.lower(), lang=lang)
+
+
+@dataclass(frozen=True)
+class WordRows:
+    word: str  # the key of the target map
+    rows: tuple[int, ...]  # query positions in the VLM sequence
+
+
+def match_words(prompt: str, offsets: list[tuple[int, int]], aligned_text: str, target_words: list[str],
+                mode: str = "exact", position: str = "input") -> list[WordRows]:
+    """Pair each word of `aligned_text`, wherever it stands in `prompt`, with a target word and its rows.
+
+    `offsets` are the prompt tokens' character spans (a fast tokenizer's `offset_mapping`). Words without
+    a target, and aligned text not found in the prompt, give nothing.
+    """
+    if mode not in MATCH_MODES or position not in POSITIONS:
+        raise ValueError(f"mode must be one of {MATCH_MODES} and position one of {POSITIONS}")
+    start = prompt.find(aligned_text) if aligned_text else -1
+    if start < 0:
+        return []
+    end = start + len(aligned_text)
+    key = (lambda w: w) if mode == "exact" else root
+    targets = {key(w.lower()): w for w in target_words}
+    out = []
+    for wt in words_to_tokens(prompt, offsets):
+        if wt.start < start or wt.end > end:
+            continue
+        target = targets.get(key(wt.word))
+        if target is None:
+            continue
+        rows = wt.tokens if position == "input" else tuple(t - 1 for t in wt.tokens if t > 0)
+        if rows:
+            out.append(WordRows(target, rows))
+    return out
