@@ -4,34 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from vlm_testers import IMAGE_TOKEN, llava_inputs, tiny_llava
 
 from lavender.vlm.llava import capture_self_attention_rows, image_key_positions, keys_to_grid, patch_grid
-
-IMAGE_TOKEN = 63
-
-
-def tiny_llava(attn: str) -> LlavaForConditionalGeneration:
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=28, patch_size=7),
-        text_config=LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1,
-                                pad_token_id=2),
-        image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
-    )
-    config._attn_implementation = attn
-    return LlavaForConditionalGeneration(config).eval()
-
-
-def batch() -> dict:
-    torch.manual_seed(1)
-    ids = torch.randint(3, 60, (2, 24))
-    ids[:, 2:18] = IMAGE_TOKEN  # 4 x 4 patches
-    mask = torch.ones(2, 24, dtype=torch.long)
-    mask[1, :1] = 0  # one left-padded sample
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28))
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -39,7 +14,7 @@ def test_captured_rows_equal_eager_attention(attn):
     eager = tiny_llava("eager")
     model = tiny_llava(attn)
     model.load_state_dict(eager.state_dict())
-    inputs = batch()
+    inputs = llava_inputs()
     rows = torch.tensor([18, 20, 23])
     with torch.no_grad():
         reference = eager(**inputs, output_attentions=True).attentions
@@ -53,7 +28,7 @@ def test_captured_rows_equal_eager_attention(attn):
 def test_image_tokens_map_row_major_onto_the_patch_grid():
     model = tiny_llava("sdpa")
     grid = patch_grid(model)
-    inputs = batch()
+    inputs = llava_inputs()
     positions = image_key_positions(inputs["input_ids"], IMAGE_TOKEN)
     assert grid == 4 and [p.tolist() for p in positions] == [list(range(2, 18))] * 2
     for j in range(grid * grid):

@@ -6,42 +6,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import MllamaConfig, MllamaForConditionalGeneration
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+from vlm_testers import GRID, TILES, mllama_inputs, tiny_mllama
 
 from lavender.vlm.mllama import capture_cross_attention_rows, keys_to_canvas, tile_arrangement
-
-GRID, TILES = 2, 4  # 28-pixel tiles of 14-pixel patches, up to 4 tiles
-
-
-def tiny_mllama(attn: str) -> MllamaForConditionalGeneration:
-    torch.manual_seed(0)
-    config = MllamaConfig(
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1,
-                           attention_heads=2, image_size=28, patch_size=14, max_num_tiles=TILES,
-                           vision_output_dim=32, intermediate_layers_indices=[0],
-                           supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]),
-        text_config=dict(vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=2, hidden_size=32,
-                         intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
-                         rope_scaling={"rope_type": "default"}),
-        image_token_index=63,
-    )
-    config._attn_implementation = attn
-    return MllamaForConditionalGeneration(config).eval()
-
-
-def inputs(batch: int = 2, seq: int = 9) -> dict:
-    torch.manual_seed(1)
-    ids = torch.randint(0, 60, (batch, seq))
-    ids[:, 2] = 63  # the image token; text before it sees no image
-    cross = torch.zeros(batch, seq, 1, TILES, dtype=torch.long)
-    cross[0, 2:, 0, :2] = 1  # sample 0: two real tiles
-    cross[1, 2:, 0, :4] = 1  # sample 1: four
-    ar_mask = torch.tensor([[[1, 1, 0, 0]], [[1, 1, 1, 1]]])
-    return dict(input_ids=ids, pixel_values=torch.randn(batch, 1, TILES, 3, 28, 28),
-                aspect_ratio_ids=torch.tensor([[2], [6]]), aspect_ratio_mask=ar_mask,
-                cross_attention_mask=cross)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -49,7 +17,7 @@ def test_captured_rows_equal_eager_attention(attn):
     eager = tiny_mllama("eager")
     model = tiny_mllama(attn)
     model.load_state_dict(eager.state_dict())
-    batch = inputs()
+    batch = mllama_inputs()
     with torch.no_grad():
         reference = eager(**batch, output_attentions=True).attentions[1]  # (B, heads, S, keys)
         rows = torch.tensor([2, 4, 8])
@@ -65,7 +33,7 @@ def test_captured_rows_equal_eager_attention(attn):
 def test_captured_rows_carry_gradients_to_the_query_and_key_projections():
     model = tiny_mllama("sdpa")
     with capture_cross_attention_rows(model) as captured:
-        model(**inputs())
+        model(**mllama_inputs())
     captured[1][:, :, 4:].sum(dim=(0, 1, 2))[:5].pow(2).sum().backward()
     attn = model.model.language_model.layers[1].cross_attn
     assert attn.q_proj.weight.grad.abs().sum() > 0 and attn.k_proj.weight.grad.abs().sum() > 0

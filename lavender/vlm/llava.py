@@ -13,6 +13,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lavender.vlm.attention import attention_rows, row_capture_hooks
+from lavender.vlm.base import VLMAdapter, register_adapter
 
 
 def patch_grid(model) -> int:
@@ -71,3 +72,20 @@ def capture_self_attention_rows(model, layers: list[int], rows: torch.Tensor | N
     targets = [(decoder[i].self_attn, decoder[i].self_attn.q_proj, decoder[i].self_attn.k_proj) for i in layers]
     with row_capture_hooks(targets, compute):
         yield captured
+
+
+@register_adapter
+class LlavaAdapter(VLMAdapter):
+    family = "llava"
+    model_types = ("llava",)
+
+    def alignable_layers(self) -> list[int]:
+        return list(range(self.model.config.text_config.num_hidden_layers))
+
+    def capture(self, layers, rows=None):
+        return capture_self_attention_rows(self.model, layers, rows)
+
+    def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+        grid = patch_grid(self.model)
+        positions = image_key_positions(batch["input_ids"], self.model.config.image_token_id)
+        return [keys_to_grid(probs[b], positions[b], grid) for b in range(probs.shape[0])]

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from lavender.vlm.attention import attention_rows, row_capture_hooks
+from lavender.vlm.base import VLMAdapter, register_adapter
 
 
 def supported_tile_grids(max_num_tiles: int) -> list[tuple[int, int]]:
@@ -82,3 +83,23 @@ def capture_cross_attention_rows(model, layers: list[int] | None = None, rows: t
     targets = [(decoder[i].cross_attn, decoder[i].cross_attn.q_norm, decoder[i].cross_attn.k_norm) for i in layers]
     with row_capture_hooks(targets, compute):
         yield captured
+
+
+@register_adapter
+class MllamaAdapter(VLMAdapter):
+    family = "mllama"
+    model_types = ("mllama",)
+
+    def alignable_layers(self) -> list[int]:
+        return cross_attention_layers(self.model)
+
+    def capture(self, layers, rows=None):
+        return capture_cross_attention_rows(self.model, layers, rows)
+
+    def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+        vision = self.model.config.vision_config
+        grid, tiles = vision.image_size // vision.patch_size, vision.max_num_tiles
+        ratio_ids = batch["aspect_ratio_ids"]  # (B, n_images)
+        if ratio_ids.shape[1] != 1:
+            raise ValueError("alignment supports one image per sample")
+        return [keys_to_canvas(probs[b], int(ratio_ids[b, 0]), tiles, grid) for b in range(probs.shape[0])]

@@ -1,0 +1,67 @@
+"""One adapter per VLM family, found through a validating registry.
+
+An adapter knows three things about its family: which decoder layers can be aligned, how to capture the
+attention rows of chosen query positions in them, and how those rows' image keys map back onto the image
+plane. Everything else in stage 2 is generic.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from typing import ClassVar
+
+import torch
+
+_ADAPTERS: dict[str, type[VLMAdapter]] = {}
+
+
+class VLMAdapter(ABC):
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]  # `config.model_type` values this adapter serves
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    @abstractmethod
+    def alignable_layers(self) -> list[int]:
+        """Decoder layer indices whose text-to-image attention can be aligned."""
+
+    @abstractmethod
+    def capture(self, layers: list[int], rows: torch.Tensor | None = None
+                ) -> AbstractContextManager[dict[int, torch.Tensor]]:
+        """Context manager yielding `layer -> (B, heads, len(rows), keys)` filled by a forward pass."""
+
+    @abstractmethod
+    def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+        """(B, heads, R, keys) -> per sample (heads, R, h, w) on that sample's image plane."""
+
+
+def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:
+    """Class decorator: add an adapter, refusing incomplete ones and model types claimed twice."""
+    if not getattr(cls, "family", None) or not getattr(cls, "model_types", None):
+        raise TypeError(f"{cls.__name__} must set `family` and `model_types`")
+    for model_type in cls.model_types:
+        if model_type in _ADAPTERS and _ADAPTERS[model_type] is not cls:
+            raise ValueError(f"model type {model_type!r} already served by {_ADAPTERS[model_type].__name__}")
+        _ADAPTERS[model_type] = cls
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    _load_builtin()
+    return sorted(_ADAPTERS)
+
+
+def adapter_for(model: torch.nn.Module) -> VLMAdapter:
+    """The adapter of `model`'s family (a peft wrapper is looked through)."""
+    _load_builtin()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(base.config, "model_type", None)
+    if model_type not in _ADAPTERS:
+        raise ValueError(f"no VLM adapter for model type {model_type!r}; supported: {supported_model_types()}")
+    return _ADAPTERS[model_type](base)
+
+
+def _load_builtin() -> None:
+    from lavender.vlm import llava, mllama  # noqa: F401  (registration happens on import)

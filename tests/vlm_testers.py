@@ -1,0 +1,71 @@
+"""Tiny seeded VLMs of each family and matching inputs, shared by the VLM tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MllamaConfig,
+    MllamaForConditionalGeneration,
+)
+
+GRID, TILES = 2, 4  # 28-pixel tiles of 14-pixel patches, up to 4 tiles
+
+
+def tiny_mllama(attn: str) -> MllamaForConditionalGeneration:
+    torch.manual_seed(0)
+    config = MllamaConfig(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=2, image_size=28, patch_size=14, max_num_tiles=TILES,
+                           vision_output_dim=32, intermediate_layers_indices=[0],
+                           supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]),
+        text_config=dict(vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=2, hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
+                         rope_scaling={"rope_type": "default"}),
+        image_token_index=63,
+    )
+    config._attn_implementation = attn
+    return MllamaForConditionalGeneration(config).eval()
+
+
+def mllama_inputs(batch: int = 2, seq: int = 9) -> dict:
+    torch.manual_seed(1)
+    ids = torch.randint(0, 60, (batch, seq))
+    ids[:, 2] = 63  # the image token; text before it sees no image
+    cross = torch.zeros(batch, seq, 1, TILES, dtype=torch.long)
+    cross[0, 2:, 0, :2] = 1  # sample 0: two real tiles
+    cross[1, 2:, 0, :4] = 1  # sample 1: four
+    ar_mask = torch.tensor([[[1, 1, 0, 0]], [[1, 1, 1, 1]]])
+    return dict(input_ids=ids, pixel_values=torch.randn(batch, 1, TILES, 3, 28, 28),
+                aspect_ratio_ids=torch.tensor([[2], [6]]), aspect_ratio_mask=ar_mask,
+                cross_attention_mask=cross)
+
+
+IMAGE_TOKEN = 63
+
+
+def tiny_llava(attn: str) -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=28, patch_size=7),
+        text_config=LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1,
+                                pad_token_id=2),
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = attn
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def llava_inputs() -> dict:
+    torch.manual_seed(1)
+    ids = torch.randint(3, 60, (2, 24))
+    ids[:, 2:18] = IMAGE_TOKEN  # 4 x 4 patches
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :1] = 0  # one left-padded sample
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28))
