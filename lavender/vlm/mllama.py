@@ -8,9 +8,11 @@ given by `aspect_ratio_ids`; tiles beyond n_rows * n_cols are padding and masked
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 from lavender.vlm.attention import attention_rows, row_capture_hooks
 from lavender.vlm.base import VLMAdapter, register_adapter
@@ -57,14 +59,33 @@ def _text_layers(model):
     return inner.language_model.layers
 
 
+class LearnedProjections(nn.Module):
+    """The `learn` aggregation's parallel W_Qd, W_Kd per aligned layer, used only for the alignment loss.
+
+    Initialised as copies of the layer's own q_proj and k_proj, so that at the start the rows they give
+    equal the layer's attention; training them moves the loss's attention without touching the model's.
+    """
+
+    def __init__(self, model, layers: list[int]):
+        super().__init__()
+        decoder = _text_layers(model)
+        self.layers = list(layers)
+        self.q = nn.ModuleDict({str(i): copy.deepcopy(decoder[i].cross_attn.q_proj) for i in layers})
+        self.k = nn.ModuleDict({str(i): copy.deepcopy(decoder[i].cross_attn.k_proj) for i in layers})
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+
 @contextmanager
-def capture_cross_attention_rows(model, layers: list[int] | None = None, rows: torch.Tensor | None = None):
+def capture_cross_attention_rows(model, layers: list[int] | None = None, rows: torch.Tensor | None = None,
+                                 learned: LearnedProjections | None = None):
     """Record softmax attention rows of the given cross-attention layers during a forward pass.
 
     Hooks read the layer's own normalised queries and keys (after `q_norm`/`k_norm`) and the additive mask
     it is given, and compute `softmax(q k^T * scaling + mask)` for the query positions `rows` only (all
     positions if None); the layer itself keeps its configured attention kernel. Yields a dict that fills with
     `layer index -> (B, heads, len(rows), keys)`; it keeps the graph, so a loss on it trains q and k.
+    With `learned`, queries and keys come from its W_Qd, W_Kd (through the layer's own norms) instead.
     """
     layers = cross_attention_layers(model) if layers is None else layers
     decoder = _text_layers(model)
@@ -73,7 +94,15 @@ def capture_cross_attention_rows(model, layers: list[int] | None = None, rows: t
     def compute(module, index: int, seen: dict) -> None:
         if "k" not in seen:
             return  # decoding from cached keys: nothing new to align
-        q, k, mask = seen["q"], seen["k"], seen["kwargs"].get("attention_mask")  # (B,H,S,D), (B,KVH,N,D)
+        q, k, kwargs = seen["q"], seen["k"], seen["kwargs"]  # (B, H, S, D), (B, KVH, N, D)
+        mask = kwargs.get("attention_mask")
+        if learned is not None:
+            hidden, states = kwargs["hidden_states"], kwargs["cross_attention_states"]
+            b, s, _ = hidden.shape
+            layer = str(layers[index])
+            q = module.q_norm(learned.q[layer](hidden).view(b, s, -1, module.head_dim).transpose(1, 2))
+            k = learned.k[layer](states).view(b, -1, module.num_key_value_heads, module.head_dim)  # tiles flattened
+            k = module.k_norm(k.transpose(1, 2))
         if rows is not None:
             q = q[:, :, rows]
             mask = None if mask is None else mask[:, :, rows]
