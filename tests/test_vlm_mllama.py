@@ -77,12 +77,12 @@ def test_processor_tiles_follow_the_canvas_layout(size):
 
 
 def test_learned_projections_start_equal_and_train_apart_from_the_model():
-    from lavender.vlm.mllama import LearnedProjections
+    from lavender.vlm.mllama import learned_projections
 
     model = tiny_mllama("sdpa")
     for p in model.parameters():
         p.requires_grad_(False)
-    learned = LearnedProjections(model, [1])
+    learned = learned_projections(model, [1])
     batch = mllama_inputs()
     rows = torch.tensor([3, 6])
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -62,3 +63,18 @@ def row_capture_hooks(targets: list[tuple[nn.Module, nn.Module, nn.Module]],
     finally:
         for h in handles:
             h.remove()
+
+
+class LearnedProjections(nn.Module):
+    """The `learn` aggregation's parallel W_Qd, W_Kd per aligned layer, used only for the alignment loss.
+
+    Copies of each attention module's own `q_proj` and `k_proj`, so that at the start the rows they give
+    equal the layer's attention; training them moves the attention the loss sees, never the model's.
+    """
+
+    def __init__(self, attention_modules: dict[int, nn.Module]):
+        super().__init__()
+        self.q = nn.ModuleDict({str(i): copy.deepcopy(m.q_proj) for i, m in attention_modules.items()})
+        self.k = nn.ModuleDict({str(i): copy.deepcopy(m.k_proj) for i, m in attention_modules.items()})
+        for p in self.parameters():
+            p.requires_grad_(True)

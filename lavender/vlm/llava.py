@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lavender.vlm.attention import attention_rows, row_capture_hooks
+from lavender.vlm.attention import LearnedProjections, attention_rows, row_capture_hooks
 from lavender.vlm.base import VLMAdapter, register_adapter
 
 
@@ -39,20 +39,31 @@ def _text_layers(model):
     return inner.language_model.layers
 
 
+def learned_projections(model, layers: list[int]) -> LearnedProjections:
+    """Parallel W_Qd, W_Kd for the given decoder layers (the `learn` aggregation)."""
+    decoder = _text_layers(model)
+    return LearnedProjections({i: decoder[i].self_attn for i in layers})
+
+
 @contextmanager
-def capture_self_attention_rows(model, layers: list[int], rows: torch.Tensor | None = None):
+def capture_self_attention_rows(model, layers: list[int], rows: torch.Tensor | None = None,
+                                learned: LearnedProjections | None = None):
     """Record causal self-attention rows of the given decoder layers during a forward pass.
 
     Hooks take the layer's own q and k projections, apply its rotary embedding, and compute
     `softmax(q k^T * scaling)` under the causal mask (and the layer's padding mask) for query positions
     `rows` only; the layer keeps its own kernel. Yields `layer index -> (B, heads, len(rows), S)`, with the
-    graph kept for a loss. Valid for one full forward pass without a cache.
+    graph kept for a loss. Valid for one full forward pass without a cache. With `learned`, queries and
+    keys come from its W_Qd, W_Kd instead of the layer's own projections.
     """
     decoder = _text_layers(model)
     captured: dict[int, torch.Tensor] = {}
 
     def compute(module, index: int, seen: dict) -> None:
         q, k, kwargs = seen["q"], seen["k"], seen["kwargs"]
+        if learned is not None:
+            q, k = learned.q[str(layers[index])](kwargs["hidden_states"]), learned.k[str(layers[index])](
+                kwargs["hidden_states"])
         cos, sin = kwargs["position_embeddings"]
         mask = kwargs.get("attention_mask")
         b, s, _ = q.shape

@@ -8,13 +8,11 @@ given by `aspect_ratio_ids`; tiles beyond n_rows * n_cols are padding and masked
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 
-from lavender.vlm.attention import attention_rows, row_capture_hooks
+from lavender.vlm.attention import LearnedProjections, attention_rows, row_capture_hooks
 from lavender.vlm.base import VLMAdapter, register_adapter
 
 
@@ -59,21 +57,10 @@ def _text_layers(model):
     return inner.language_model.layers
 
 
-class LearnedProjections(nn.Module):
-    """The `learn` aggregation's parallel W_Qd, W_Kd per aligned layer, used only for the alignment loss.
-
-    Initialised as copies of the layer's own q_proj and k_proj, so that at the start the rows they give
-    equal the layer's attention; training them moves the loss's attention without touching the model's.
-    """
-
-    def __init__(self, model, layers: list[int]):
-        super().__init__()
-        decoder = _text_layers(model)
-        self.layers = list(layers)
-        self.q = nn.ModuleDict({str(i): copy.deepcopy(decoder[i].cross_attn.q_proj) for i in layers})
-        self.k = nn.ModuleDict({str(i): copy.deepcopy(decoder[i].cross_attn.k_proj) for i in layers})
-        for p in self.parameters():
-            p.requires_grad_(True)
+def learned_projections(model, layers: list[int]) -> LearnedProjections:
+    """Parallel W_Qd, W_Kd for the given cross-attention layers (the `learn` aggregation)."""
+    decoder = _text_layers(model)
+    return LearnedProjections({i: decoder[i].cross_attn for i in layers})
 
 
 @contextmanager
