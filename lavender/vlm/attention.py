@@ -10,6 +10,12 @@ import torch
 from torch import nn
 
 
+def text_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The language model's decoder layers of a `...ForConditionalGeneration` VLM (or its inner model)."""
+    inner = getattr(model, "model", model)
+    return inner.language_model.layers
+
+
 def repeat_kv(k: torch.Tensor, groups: int) -> torch.Tensor:
     """(B, KVH, N, D) -> (B, KVH * groups, N, D), each key head serving `groups` query heads (GQA)."""
     return k if groups == 1 else k.repeat_interleave(groups, dim=1)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lavender.vlm.attention import LearnedProjections, attention_rows, row_capture_hooks
+from lavender.vlm.attention import LearnedProjections, attention_rows, row_capture_hooks, text_decoder_layers
 from lavender.vlm.base import VLMAdapter, register_adapter
 
 
@@ -34,14 +34,9 @@ def keys_to_grid(values: torch.Tensor, positions: torch.Tensor, grid: int) -> to
     return values[..., positions].reshape(*values.shape[:-1], grid, grid)
 
 
-def _text_layers(model):
-    inner = getattr(model, "model", model)
-    return inner.language_model.layers
-
-
 def learned_projections(model, layers: list[int]) -> LearnedProjections:
     """Parallel W_Qd, W_Kd for the given decoder layers (the `learn` aggregation)."""
-    decoder = _text_layers(model)
+    decoder = text_decoder_layers(model)
     return LearnedProjections({i: decoder[i].self_attn for i in layers})
 
 
@@ -56,7 +51,7 @@ def capture_self_attention_rows(model, layers: list[int], rows: torch.Tensor | N
     graph kept for a loss. Valid for one full forward pass without a cache. With `learned`, queries and
     keys come from its W_Qd, W_Kd instead of the layer's own projections.
     """
-    decoder = _text_layers(model)
+    decoder = text_decoder_layers(model)
     captured: dict[int, torch.Tensor] = {}
 
     def compute(module, index: int, seen: dict) -> None:

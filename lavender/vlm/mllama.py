@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from lavender.vlm.attention import LearnedProjections, attention_rows, row_capture_hooks
+from lavender.vlm.attention import LearnedProjections, attention_rows, row_capture_hooks, text_decoder_layers
 from lavender.vlm.base import VLMAdapter, register_adapter
 
 
@@ -52,14 +52,9 @@ def cross_attention_layers(model) -> list[int]:
     return list(model.config.text_config.cross_attention_layers)
 
 
-def _text_layers(model):
-    inner = getattr(model, "model", model)
-    return inner.language_model.layers
-
-
 def learned_projections(model, layers: list[int]) -> LearnedProjections:
     """Parallel W_Qd, W_Kd for the given cross-attention layers (the `learn` aggregation)."""
-    decoder = _text_layers(model)
+    decoder = text_decoder_layers(model)
     return LearnedProjections({i: decoder[i].cross_attn for i in layers})
 
 
@@ -75,7 +70,7 @@ def capture_cross_attention_rows(model, layers: list[int] | None = None, rows: t
     With `learned`, queries and keys come from its W_Qd, W_Kd (through the layer's own norms) instead.
     """
     layers = cross_attention_layers(model) if layers is None else layers
-    decoder = _text_layers(model)
+    decoder = text_decoder_layers(model)
     captured: dict[int, torch.Tensor] = {}
 
     def compute(module, index: int, seen: dict) -> None:
