@@ -15,15 +15,13 @@ is built) over fresh child processes. Ratios are printed against `plain`.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from peak_memory import measure_in_child, median_child_peaks
 from transformers import MllamaConfig, MllamaForConditionalGeneration
 
 from lavender.vlm.mllama import capture_cross_attention_rows, cross_attention_layers
@@ -74,20 +72,10 @@ def step(model, inputs: dict, variant: str) -> float:
     return loss.item()
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def child(variant: str) -> None:
     model = build("eager" if variant == "naive" else "sdpa")
     inputs = batch()
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    step(model, inputs, variant)
-    print(json.dumps({"peak_kb": _status_kb("VmHWM")}))
+    measure_in_child(lambda: step(model, inputs, variant))
 
 
 def main() -> None:
@@ -111,13 +99,9 @@ def main() -> None:
             start = time.perf_counter()
             step(models[v], inputs, v)
             times[v].append(time.perf_counter() - start)
-    peaks = {v: [] for v in variants}
-    for _ in range(args.memory_repeats):
-        for v in variants:
-            out = subprocess.run([sys.executable, __file__, "--child", v], capture_output=True, text=True, check=True)
-            peaks[v].append(json.loads(out.stdout.strip().splitlines()[-1])["peak_kb"])
+    peaks = median_child_peaks({v: [sys.executable, __file__, "--child", v] for v in variants}, args.memory_repeats)
     t = {v: statistics.median(x) for v, x in times.items()}
-    m = {v: statistics.median(x) / 1024 for v, x in peaks.items()}
+    m = {v: peaks[v]["peak_kb"] / 1024 for v in variants}
     for v in ("capture", "naive"):
         print(f"{v:<8} step {t[v]:.3f}s vs plain {t['plain']:.3f}s = time x{t[v] / t['plain']:.3f}; "
               f"peak memory {m[v]:.0f} vs {m['plain']:.0f} MB = x{m[v] / m['plain']:.3f}")

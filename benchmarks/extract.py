@@ -15,17 +15,16 @@ median peak resident memory (VmHWM) is printed, in total and above the level aft
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from peak_memory import measure_in_child, median_child_peaks
 
 from lavender.diffusion.extract import ExtractConfig, Extractor, load_pipeline
 from lavender.world.scenes import make_scene
@@ -89,35 +88,17 @@ def build(model: str, args) -> Extractor:
     return Extractor(cfg, pipe, sidecar(model).get("mask_padding", False))
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child(args) -> None:
-    """Run one variant once in this fresh process and report its peak resident memory.
-
-    Loading a model has a transient peak of its own, so the high-water mark is reset
-    (Linux: `5` to /proc/self/clear_refs) after loading and before the measured run.
-    """
+    """Run one variant once in this fresh process and report its peak resident memory."""
     extractor = build(args.child_model, args)
     images, texts = make_inputs(extractor, args.batch_size)
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status_kb("VmRSS")
-    VARIANTS[args.child](extractor, images, texts)
-    peak = _status_kb("VmHWM")
-    print(json.dumps({"peak_kb": peak, "extra_kb": peak - before}))
+    measure_in_child(lambda: VARIANTS[args.child](extractor, images, texts))
 
 
-def memory(model: str, variant: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--child-model", model, "--batch-size",
-           str(args.batch_size), "--inversion-steps", str(args.inversion_steps), "--denoise-steps",
-           str(args.denoise_steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    return json.loads(out)
+def child_command(model: str, variant: str, args) -> list[str]:
+    return [sys.executable, __file__, "--child", variant, "--child-model", model, "--batch-size",
+            str(args.batch_size), "--inversion-steps", str(args.inversion_steps), "--denoise-steps",
+            str(args.denoise_steps)]
 
 
 def measure(name: str, model: str, args) -> dict:
@@ -133,11 +114,7 @@ def measure(name: str, model: str, args) -> dict:
             fn(extractor, images, texts)
             times[key].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    runs = {k: [] for k in VARIANTS}
-    for _ in range(args.memory_repeats):  # alternate the variants; the allocator makes single runs noisy
-        for k in VARIANTS:
-            runs[k].append(memory(model, k, args))
-    mem = {k: {f: statistics.median(r[f] for r in v) for f in ("peak_kb", "extra_kb")} for k, v in runs.items()}
+    mem = median_child_peaks({k: child_command(model, k, args) for k in VARIANTS}, args.memory_repeats)
     return {
         "model": name, "image_size": extractor.image_size, "batch": args.batch_size,
         "stage1_s": med["stage1"], "baseline_s": med["baseline"], "time_ratio": med["stage1"] / med["baseline"],

@@ -33,12 +33,12 @@ def cmd_viz(args: argparse.Namespace) -> None:
 
 def cmd_grounding(args: argparse.Namespace) -> None:
     from lavender.data.targets import AttentionTargets
-    from lavender.eval.grounding import grounding_scores
+    from lavender.eval.grounding import store_grounding
     from lavender.world.data import read_masks
     from lavender.world.scenes import word_type
 
     targets = AttentionTargets(args.targets)
-    report = grounding_scores(((sid, targets[sid]) for sid in targets), read_masks(args.masks), word_type)
+    report = store_grounding(targets, read_masks(args.masks), word_type)
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

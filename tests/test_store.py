@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 
 from lavender.data.authors_layout import export_authors_layout, import_authors_layout
-from lavender.data.targets import STORE_FILE, AttentionTargets, TargetsWriter, write_index
-from lavender.utils.io import atomic_write_json
+from lavender.data.targets import AttentionTargets, TargetsWriter, write_index, write_store_info
 
 
 def _store(root, samples: dict[str, dict[str, np.ndarray]], shard_size=2, dtype="float32"):
-    atomic_write_json(root / STORE_FILE, {"format": "lavender.targets", "version": 1,
-                                          "settings": {"resolution": 32}, "diffusion_model": "test"})
+    write_store_info(root, {"resolution": 32}, "test")
     writer = TargetsWriter(root, shard_size=shard_size, dtype=dtype)
     for sid, maps in samples.items():
         writer.add(sid, maps)

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from lavender.data.targets import STORE_FILE, AttentionTargets, TargetsWriter, write_index
+from lavender.data.targets import AttentionTargets, TargetsWriter, write_index, write_store_info
 from lavender.utils.io import atomic_write, atomic_write_json
 
 IDS_FILE = "lavender_ids.json"
@@ -65,8 +65,6 @@ def import_authors_layout(root: str | Path, store: str | Path, diffusion_model: 
         resolution = resolution or next(iter(maps.values())).shape[0]
         writer.add(ids.get(image_dir.name, Path(image_dir.name).stem), maps)
     writer.flush()
-    atomic_write_json(store / STORE_FILE, {"format": "lavender.targets", "version": 1,
-                                           "diffusion_model": diffusion_model,
-                                           "settings": {"resolution": resolution, "imported_from": str(root)}})
+    write_store_info(store, {"resolution": resolution, "imported_from": str(root)}, diffusion_model)
     write_index(store)
     return store

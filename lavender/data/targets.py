@@ -81,6 +81,12 @@ class TargetsWriter:
         return path
 
 
+def write_store_info(root: str | Path, settings: dict[str, Any], diffusion_model: str) -> None:
+    """Write store.json: the settings the maps were made with and the diffusion model's name."""
+    atomic_write_json(Path(root) / STORE_FILE, {"format": FORMAT, "version": VERSION, "settings": settings,
+                                                "diffusion_model": diffusion_model})
+
+
 def write_index(root: str | Path) -> dict[str, str]:
     """Write index.json from the shards on disk; later shards win for a repeated id."""
     root = Path(root)

@@ -138,7 +138,7 @@ def capture_cross_attention(unet: torch.nn.Module, recorder: AttentionRecorder) 
     if not cross:
         raise ValueError("the UNet has no cross-attention layers to capture")
     capture = CrossAttentionCapture(recorder)
-    unet.set_attn_processor({k: capture if k in cross else AttnProcessor2_0() for k in original})
+    unet.set_attn_processor({k: capture if k in cross else original[k] for k in original})
     try:
         yield sorted(cross)
     finally:

@@ -21,11 +21,18 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from lavender.data.samples import TEXT_SOURCES, Sample, read_samples
-from lavender.data.targets import FAILURES_FILE, STORE_FILE, TargetsWriter, scan_shards, write_index
+from lavender.data.targets import (
+    FAILURES_FILE,
+    STORE_FILE,
+    TargetsWriter,
+    scan_shards,
+    write_index,
+    write_store_info,
+)
 from lavender.diffusion.capture import AttentionRecorder, capture_cross_attention
 from lavender.diffusion.inversion import denoise, invert
 from lavender.diffusion.words import words_to_tokens
-from lavender.utils.io import atomic_write_json, atomic_write_text
+from lavender.utils.io import atomic_write_text
 from lavender.utils.maps import min_max
 
 log = logging.getLogger(__name__)
@@ -184,7 +191,8 @@ def _settings(cfg: ExtractConfig, mask_padding: bool, image_size: int) -> dict[s
     return {k: values[k] for k in RESULT_SETTINGS}
 
 
-def _open_store(root: Path, settings: dict[str, Any], is_main: bool) -> None:
+def _open_store(root: Path, settings: dict[str, Any], create: bool) -> None:
+    """Check that an existing store was made with `settings`; with `create`, start one if there is none."""
     store_file = root / STORE_FILE
     if store_file.exists():
         old = json.loads(store_file.read_text()).get("settings", {})
@@ -192,9 +200,8 @@ def _open_store(root: Path, settings: dict[str, Any], is_main: bool) -> None:
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             raise ValueError(f"{root} holds maps made with other settings {diff}; "
                              "use another --out or --overwrite")
-    elif is_main:
-        atomic_write_json(store_file, {"format": "lavender.targets", "version": 1, "settings": settings,
-                                       "diffusion_model": settings["diffusion"]})
+    elif create:
+        write_store_info(root, settings, settings["diffusion"])
 
 
 def _load(sample: Sample, text_source: str, max_tokens: int, tokenizer) -> tuple[Image.Image | None, str, str]:
@@ -264,10 +271,11 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
     extractor = Extractor(cfg, pipe, mask_padding)
     settings = _settings(cfg, mask_padding, extractor.image_size)
     if is_main:
-        _open_store(root, settings, True)
+        _open_store(root, settings, create=True)
     if state:
         state.wait_for_everyone()
-    _open_store(root, settings, False)
+    if not is_main:
+        _open_store(root, settings, create=False)
 
     # Split before skipping what is done, so that the split never depends on when a process looks.
     done = set(scan_shards(root))

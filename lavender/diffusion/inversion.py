@@ -41,12 +41,10 @@ def invert(latents: torch.Tensor, predict: NoisePredictor, alphas: torch.Tensor,
 
 @torch.no_grad()
 def denoise(latents: torch.Tensor, predict: NoisePredictor, alphas: torch.Tensor, t_end: int,
-            steps: int, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+            steps: int) -> torch.Tensor:
     """DDIM-denoise latents at timestep `t_end` back to timestep 0 in `steps` steps."""
     grid = timestep_grid(t_end, steps)[::-1]
     x = latents
-    for i, (t, t_next) in enumerate(itertools.pairwise(grid)):
-        if on_step is not None:
-            on_step(i)
+    for t, t_next in itertools.pairwise(grid):
         x = ddim_step(x, predict(x, t), alphas[t], alphas[t_next])
     return x

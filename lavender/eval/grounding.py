@@ -75,6 +75,12 @@ def grounding_scores(
     return report
 
 
+def store_grounding(targets, masks: Mapping[str, Mapping[str, np.ndarray]],
+                    word_type: Callable[[str], str] = lambda w: "word") -> dict[str, dict[str, float]]:
+    """`grounding_scores` over every sample of a targets store, reading maps lazily."""
+    return grounding_scores(((sid, targets[sid]) for sid in targets), masks, word_type)
+
+
 def chance_pointing(masks: Mapping[str, Mapping[str, np.ndarray]], resolution: int,
                     word_type: Callable[[str], str] = lambda w: "word") -> dict[str, float]:
     """Pointing accuracy of a map with a uniformly random argmax: mean mask coverage of the grid."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from lavender.data.samples import read_samples
 from lavender.data.targets import AttentionTargets
 from lavender.diffusion.extract import ExtractConfig, run_extract
-from lavender.eval.grounding import chance_pointing, grounding_scores
+from lavender.eval.grounding import chance_pointing, store_grounding
 from lavender.eval.viz import write_overlays
 from lavender.world.data import WorldDataConfig, read_masks, write_world
 from lavender.world.scenes import word_type
@@ -27,7 +27,7 @@ def shipped_teacher() -> Path:
 def evaluate_split(store: Path, masks_file: Path) -> dict:
     targets = AttentionTargets(store)
     masks = read_masks(masks_file)
-    report = grounding_scores(((sid, targets[sid]) for sid in targets), masks, word_type)
+    report = store_grounding(targets, masks, word_type)
     report["chance_pointing"] = chance_pointing({k: masks[k] for k in targets if k in masks},
                                                 targets.resolution, word_type)
     return report

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from lavender.diffusion.extract import LAVENDER_FILE
 from lavender.utils.io import atomic_save_torch
 from lavender.world.scenes import make_scene, world_vocabulary
 from lavender.world.tokenizer import save_clip_tokenizer
 
 log = logging.getLogger(__name__)
-LAVENDER_FILE = "lavender.json"
 
 
 @dataclass
@@ -75,12 +75,17 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_text_encoder(cfg: TeacherConfig, vocab_size: int, max_length: int) -> CLIPTextModel:
+def clip_text_encoder(vocab_size: int, width: int, layers: int, max_length: int) -> CLIPTextModel:
+    """A CLIP text encoder for a tokenizer from `save_clip_tokenizer` (BOS and EOS are its last two ids)."""
     return CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=cfg.text_width, intermediate_size=2 * cfg.text_width,
-        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=max_length,
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=max_length, bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
     ))
+
+
+def build_text_encoder(cfg: TeacherConfig, vocab_size: int, max_length: int) -> CLIPTextModel:
+    return clip_text_encoder(vocab_size, cfg.text_width, cfg.text_layers, max_length)
 
 
 def build_unet(cfg: TeacherConfig, sample_size: int) -> UNet2DConditionModel:
@@ -230,12 +235,17 @@ def train_unet(cfg: TeacherConfig, vae: AutoencoderKL, unet: UNet2DConditionMode
     text_encoder.eval()
 
 
-def save_pipeline(cfg: TeacherConfig, vae, unet, text_encoder, tokenizer, out: Path) -> None:
+def save_sd_pipeline(vae, unet, text_encoder, tokenizer, out: Path) -> None:
+    """Save the parts as a StableDiffusionPipeline with SD v1's DDIM scheduler and no safety checker."""
     scheduler = DDIMScheduler.from_config(noise_scheduler().config, steps_offset=1, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out)
+
+
+def save_pipeline(cfg: TeacherConfig, vae, unet, text_encoder, tokenizer, out: Path) -> None:
+    save_sd_pipeline(vae, unet, text_encoder, tokenizer, out)
     training = {k: v for k, v in asdict(cfg).items() if k not in ("out", "work_dir", "threads")}
     meta = {"mask_padding": True, "resolution": cfg.image_size, "training": training}
     (out / LAVENDER_FILE).write_text(json.dumps(meta, indent=2))

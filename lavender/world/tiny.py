@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from lavender.world.scenes import world_vocabulary
+from lavender.world.teacher import clip_text_encoder, save_sd_pipeline
 from lavender.world.tokenizer import save_clip_tokenizer
 
 SD14_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
@@ -27,11 +27,7 @@ def tiny_pipeline(out: str | Path, seed: int = 0, sd14_like: bool = False, chann
     out = Path(out)
     torch.manual_seed(seed)
     tokenizer = save_clip_tokenizer(world_vocabulary() + list(extra_words), out / "_tokenizer", max_length)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=max_length, bos_token_id=len(tokenizer) - 2,
-        eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1,
-    ))
+    text_encoder = clip_text_encoder(len(tokenizer), text_width, 2, max_length)
     if sd14_like:
         channels = channels or (32, 64, 128, 128)
         unet = UNet2DConditionModel(
@@ -53,10 +49,5 @@ def tiny_pipeline(out: str | Path, seed: int = 0, sd14_like: bool = False, chann
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(vae_channels), layers_per_block=1, norm_num_groups=8,
     )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(out)
+    save_sd_pipeline(vae, unet, text_encoder, tokenizer, out)
     return out
