@@ -13,6 +13,8 @@ from typing import ClassVar
 
 import torch
 
+from lavender.vlm.attention import LearnedProjections
+
 _ADAPTERS: dict[str, type[VLMAdapter]] = {}
 
 
@@ -28,9 +30,23 @@ class VLMAdapter(ABC):
         """Decoder layer indices whose text-to-image attention can be aligned."""
 
     @abstractmethod
-    def capture(self, layers: list[int], rows: torch.Tensor | None = None
-                ) -> AbstractContextManager[dict[int, torch.Tensor]]:
-        """Context manager yielding `layer -> (B, heads, len(rows), keys)` filled by a forward pass."""
+    def capture(self, layers: list[int], rows: torch.Tensor | None = None,
+                learned: LearnedProjections | None = None) -> AbstractContextManager[dict[int, torch.Tensor]]:
+        """Context manager yielding `layer -> (B, heads, len(rows), keys)` filled by a forward pass.
+
+        With `learned`, the rows come from its parallel W_Qd, W_Kd instead of the layer's own q/k.
+        """
+
+    @abstractmethod
+    def learned_projections(self, layers: list[int]) -> LearnedProjections:
+        """Parallel W_Qd, W_Kd for `layers`, copied from their q/k projections (the `learn` aggregation)."""
+
+    @property
+    def image_token_id(self) -> int:
+        """The id of the token that stands for an image (or each of its patches) in `input_ids`."""
+        config = self.model.config
+        token = getattr(config, "image_token_id", None)
+        return token if token is not None else config.image_token_index
 
     @abstractmethod
     def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:

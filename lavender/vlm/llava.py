@@ -88,8 +88,11 @@ class LlavaAdapter(VLMAdapter):
     def alignable_layers(self) -> list[int]:
         return list(range(self.model.config.text_config.num_hidden_layers))
 
-    def capture(self, layers, rows=None):
-        return capture_self_attention_rows(self.model, layers, rows)
+    def capture(self, layers, rows=None, learned=None):
+        return capture_self_attention_rows(self.model, layers, rows, learned)
+
+    def learned_projections(self, layers):
+        return learned_projections(self.model, layers)
 
     def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
         grid = patch_grid(self.model)

@@ -104,8 +104,11 @@ class MllamaAdapter(VLMAdapter):
     def alignable_layers(self) -> list[int]:
         return cross_attention_layers(self.model)
 
-    def capture(self, layers, rows=None):
-        return capture_cross_attention_rows(self.model, layers, rows)
+    def capture(self, layers, rows=None, learned=None):
+        return capture_cross_attention_rows(self.model, layers, rows, learned)
+
+    def learned_projections(self, layers):
+        return learned_projections(self.model, layers)
 
     def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
         vision = self.model.config.vision_config
