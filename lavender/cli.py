@@ -71,6 +71,19 @@ def cmd_world_teacher(args: argparse.Namespace) -> None:
     print(f"teacher pipeline: {train_teacher(config_from_args(TeacherConfig, args))}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from lavender.train.config import TrainConfig
+    from lavender.train.trainer import train
+
+    print(f"fine-tuned model: {train(config_from_args(TrainConfig, args))}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from lavender.train.merge import merge_adapter
+
+    print(f"merged model: {merge_adapter(args.adapter, args.out, args.base)}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from lavender.world.demo import run_demo
 
@@ -79,6 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from lavender.diffusion.extract import ExtractConfig
+    from lavender.train.config import TrainConfig
     from lavender.world.data import WorldDataConfig
     from lavender.world.teacher import TeacherConfig
 
@@ -102,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for PNGs")
     p.add_argument("--count", type=int, default=8, help="number of samples to draw")
     p.set_defaults(func=cmd_viz)
+
+    p = sub.add_parser("train", help="stage 2: fine-tune a VLM with L_VLM + lambda * L_att (resumable)",
+                       description="Fine-tune a Hugging Face VLM (Mllama, LLaVA, Qwen2-VL) on image-text data, "
+                                   "aligning its text-to-image attention with a stage-1 targets store. LoRA or "
+                                   "full fine-tuning; runs under `accelerate launch` (DDP, FSDP, DeepSpeed).")
+    add_dataclass_args(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", help="merge a trained LoRA adapter into its base model")
+    p.add_argument("--adapter", required=True, help="the adapter directory (`<train --out>/final`)")
+    p.add_argument("--out", required=True, help="directory for the merged model")
+    p.add_argument("--base", default="", help="base model (default: the one recorded in the adapter)")
+    p.set_defaults(func=cmd_merge)
 
     ev = sub.add_parser("eval", help="evaluate maps and models").add_subparsers(dest="eval", required=True,
                                                                                metavar="WHAT")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -29,6 +29,7 @@ class Sample:
     question: str = ""
     answer: str = ""
     image_name: str = ""  # the image's file name, kept for exports
+    turns: list[tuple[str, str]] = field(default_factory=list)  # ("user"|"assistant", text), image tags removed
 
     def text(self, source: str = "caption") -> str:
         if source == "caption":
@@ -49,6 +50,13 @@ def open_rgb(path: Path) -> Callable[[], Image.Image]:
 
 def _clean(text: str) -> str:
     return _IMAGE_TAG.sub("", text or "").strip()
+
+
+def _turns(record: dict) -> list[tuple[str, str]]:
+    """The conversation of a LLaVA record as (user|assistant, text) turns."""
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+    return [(roles[t["from"]], _clean(t.get("value", ""))) for t in record.get("conversations") or []
+            if t.get("from") in roles]
 
 
 def _from_conversation(record: dict) -> tuple[str, str, str]:
@@ -74,7 +82,8 @@ def read_llava_json(path: Path, image_root: Path | None = None) -> Iterator[Samp
             continue  # text-only turns have nothing to extract
         caption, question, answer = _from_conversation(rec)
         image_path = root / rec["image"]
-        yield Sample(str(rec.get("id", i)), open_rgb(image_path), caption, question, answer, image_path.name)
+        yield Sample(str(rec.get("id", i)), open_rgb(image_path), caption, question, answer, image_path.name,
+                     _turns(rec))
 
 
 def read_image_folder(path: Path) -> Iterator[Sample]:
@@ -118,7 +127,8 @@ def read_hf_dataset(path: Path) -> Iterator[Sample]:
             caption = row.get("caption") or row.get("text") or ""
             if isinstance(caption, list):
                 caption = caption[0] if caption else ""
-        yield Sample(str(row.get("id", i)), load, _clean(caption), question, answer, f"{row.get('id', i)}.jpg")
+        yield Sample(str(row.get("id", i)), load, _clean(caption), question, answer, f"{row.get('id', i)}.jpg",
+                     _turns(row))
 
 
 def read_samples(data: str | Path, image_root: str | Path | None = None) -> list[Sample]:

@@ -41,6 +41,10 @@ class VLMAdapter(ABC):
     def learned_projections(self, layers: list[int]) -> LearnedProjections:
         """Parallel W_Qd, W_Kd for `layers`, copied from their q/k projections (the `learn` aggregation)."""
 
+    def num_heads(self, layer: int) -> int:
+        """Query heads of the attention aligned in `layer`."""
+        return self.model.config.text_config.num_attention_heads
+
     @property
     def image_token_id(self) -> int:
         """The id of the token that stands for an image (or each of its patches) in `input_ids`."""
@@ -80,4 +84,4 @@ def adapter_for(model: torch.nn.Module) -> VLMAdapter:
 
 
 def _load_builtin() -> None:
-    from lavender.vlm import llava, mllama  # noqa: F401  (registration happens on import)
+    from lavender.vlm import llava, mllama, qwen2_vl  # noqa: F401  (registration happens on import)

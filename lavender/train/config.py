@@ -1,0 +1,94 @@
+"""Stage-2 settings, one flat dataclass that `lavender train` flags and YAML files fill alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lavender.align.aggregate import AGGREGATIONS
+from lavender.align.aligner import AlignerConfig
+from lavender.align.words import MATCH_MODES, POSITIONS
+
+SCHEDULES = ("cosine", "linear", "constant", "step")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str = field(default="", metadata={"help": "VLM hub name or directory (any family `lavender` supports)"})
+    data: str = field(default="", metadata={
+        "help": "LLaVA JSON, HF dataset dir, image folder, or a directory holding train.json"})
+    targets: str = field(default="", metadata={"help": "stage-1 targets store (empty: plain fine-tuning)"})
+    out: str = field(default="", metadata={"help": "output directory: checkpoints, logs, final adapter/model"})
+    image_root: str = field(default="", metadata={"help": "directory that image paths are relative to"})
+    instruction: str = field(default="Describe the image.", metadata={
+        "help": "user turn for caption samples (samples with a question use their question)"})
+    max_length: int = field(default=512, metadata={"help": "longer samples are truncated after the image"})
+    # the alignment
+    lam: float = field(default=10.0, metadata={"help": "weight lambda of the attention loss (0: plain fine-tuning)"})
+    aggregation: str = field(default="mean-mean", metadata={"help": "|".join(AGGREGATIONS)})
+    layers: tuple[int, ...] = field(default=(), metadata={
+        "help": "decoder layers to align (default: every alignable layer of the family)"})
+    match: str = field(default="exact", metadata={"help": "word matching: exact|root"})
+    align_position: str = field(default="input", metadata={
+        "help": "input: a word's own token rows; predict: the rows of the tokens that predict it"})
+    aligner_kind: str = field(default="conv", metadata={"help": "conv|mlp"})
+    aligner_depth: str = field(default="sim", metadata={"help": "light|sim|deep or a number of blocks"})
+    aligner_hidden: int = field(default=32, metadata={"help": "Aligner channels"})
+    aligner_norm: str = field(default="instance", metadata={"help": "instance|batch|group|none"})
+    aligner_pretrain_steps: int = field(default=0, metadata={"help": "first steps train only the Aligner"})
+    # which parameters
+    lora: bool = field(default=True, metadata={"help": "LoRA through peft (--no-lora: full fine-tuning)"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_targets: str = field(default=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)", metadata={
+        "help": "regex over module names that get LoRA (default: the language model's attention projections)"})
+    train_vision: bool = field(default=False, metadata={"help": "train the vision tower too"})
+    train_projector: bool = field(default=False, metadata={"help": "train the vision-to-text projector too"})
+    # optimisation
+    steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=4, metadata={"help": "samples per process per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate of the VLM's parameters"})
+    aligner_lr: float = field(default=1e-3, metadata={"help": "learning rate of the Aligner (and W_Qd/W_Kd)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    schedule: str = field(default="cosine", metadata={"help": "|".join(SCHEDULES)})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    step_every: int = field(default=0, metadata={"help": "step schedule: decay every N steps (0: steps // 3)"})
+    step_gamma: float = field(default=0.1, metadata={"help": "step schedule: decay factor"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
+    mixed_precision: str = field(default="no", metadata={"help": "no|fp16|bf16"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation and data order"})
+    # bookkeeping
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    resume: bool = field(default=True, metadata={"help": "continue from the last checkpoint in --out"})
+    log_every: int = field(default=1, metadata={"help": "log metrics every N steps"})
+    report_to: str = field(default="tensorboard", metadata={
+        "help": "accelerate tracker(s), comma-separated: tensorboard|wandb|... or none"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    limit: int = field(default=0, metadata={"help": "use at most this many samples (0: all)"})
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(i) for i in self.layers)
+        checks = [(self.aggregation, AGGREGATIONS, "--aggregation"), (self.match, MATCH_MODES, "--match"),
+                  (self.align_position, POSITIONS, "--align-position"), (self.schedule, SCHEDULES, "--schedule"),
+                  (self.mixed_precision, PRECISIONS, "--mixed-precision")]
+        for value, allowed, flag in checks:
+            if value not in allowed:
+                raise ValueError(f"{flag} must be one of {allowed}, got {value!r}")
+        if min(self.steps, self.batch_size, self.grad_accum, self.max_length) < 1:
+            raise ValueError("--steps, --batch-size, --grad-accum and --max-length must be positive")
+        if self.lam < 0 or self.aligner_pretrain_steps < 0:
+            raise ValueError("--lam and --aligner-pretrain-steps must not be negative")
+        self.aligner(1)  # validates the Aligner fields early
+
+    @property
+    def aligns(self) -> bool:
+        return bool(self.targets) and self.lam > 0
+
+    def aligner(self, in_channels: int, resolution: int = 32) -> AlignerConfig:
+        return AlignerConfig(kind=self.aligner_kind, depth=self.aligner_depth, in_channels=in_channels,
+                             hidden=self.aligner_hidden, norm=self.aligner_norm, resolution=resolution)

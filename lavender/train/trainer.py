@@ -1,0 +1,327 @@
+"""`lavender train`: fine-tune a VLM with L_VLM + lambda * L_att under accelerate.
+
+One loop serves one CPU, one GPU and `accelerate launch` (DDP, FSDP, DeepSpeed). A step's loss is
+normalised by the label tokens and matched words of the whole global batch, so splitting a batch over
+processes or micro-batches does not change it. Checkpoints hold the trainable weights, the optimizer,
+the schedule, every process's RNG and the data position, and are written atomically; a rerun with the
+same `--out` continues from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lavender.train.config import TrainConfig
+from lavender.train.data import EVENTS, Batch, Collator, StageTwoDataset
+from lavender.train.objective import LavenderObjective, build_objective
+from lavender.vlm.base import adapter_for
+
+log = logging.getLogger(__name__)
+
+VISION_MODULES = ("vision_model", "vision_tower", "visual")
+PROJECTOR_MODULES = ("multi_modal_projector", "merger")
+TRAINABLE_FILE = "trainable.safetensors"
+ALIGNER_DIR = "aligner"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint."""
+
+
+class Progress:
+    """Where training stands: optimizer steps done and the data position, saved with each checkpoint."""
+
+    def __init__(self) -> None:
+        self.step, self.epoch, self.batch = 0, 0, 0
+        self.events: Counter = Counter()
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "events": dict(self.events)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
+        self.events = Counter(state.get("events", {}))
+
+
+def load_vlm(name: str):
+    """Model and processor through the standard `from_pretrained` path (hub name or directory)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name)
+    model = AutoModelForImageTextToText.from_pretrained(name)
+    return model, processor
+
+
+def _named(model: nn.Module, names: tuple[str, ...]) -> list[str]:
+    """Module names ending in one of `names` (outermost matches only)."""
+    found = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in names]
+    return [n for n in found if not any(n != m and n.startswith(m + ".") for m in found)]
+
+
+def select_parameters(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Freeze the VLM, then open LoRA adapters or the language model, and the vision side if asked."""
+    extra = (_named(model, VISION_MODULES) if cfg.train_vision else []) + (
+        _named(model, PROJECTOR_MODULES) if cfg.train_projector else [])
+    model.requires_grad_(False)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                            target_modules=cfg.lora_targets, modules_to_save=extra or None)
+        return get_peft_model(model, config)
+    for name, p in model.named_parameters():
+        if "language_model" in name or name.startswith("lm_head") or any(name.startswith(m + ".") for m in extra):
+            p.requires_grad_(True)
+    return model
+
+
+def lr_lambda(cfg: TrainConfig):
+    every = cfg.step_every or max(cfg.steps // 3, 1)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.schedule == "linear":
+            return max(1.0 - progress, 0.0)
+        if cfg.schedule == "step":
+            return cfg.step_gamma ** (step // every)
+        return 1.0
+
+    return factor
+
+
+def _trainable_state(objective: nn.Module) -> dict[str, torch.Tensor]:
+    state = objective.state_dict()
+    keep = {n for n, p in objective.named_parameters() if p.requires_grad}
+    keep |= {n for n in state if n.startswith("alignment.")}  # the Aligner's norm statistics too
+    return {n: state[n].detach().cpu().contiguous() for n in sorted(keep)}
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def save_final(objective: LavenderObjective, processor, out: Path, cfg: TrainConfig) -> Path:
+    """The fine-tuned VLM (a peft adapter or a full model) with its processor, and the Aligner beside it."""
+    final, tmp = out / "final", out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    objective.vlm.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if objective.alignment is not None:
+        (tmp / ALIGNER_DIR).mkdir()
+        save_file({k: v.contiguous() for k, v in objective.alignment.state_dict().items()},
+                  str(tmp / ALIGNER_DIR / "model.safetensors"))
+        settings = {"aggregation": cfg.aggregation, "layers": objective.alignment.layers,
+                    "aligner": objective.alignment.aligner.cfg.__dict__}
+        (tmp / ALIGNER_DIR / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (tmp / "lavender_train.json").write_text(json.dumps(cfg.__dict__, indent=2, default=list) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+        from accelerate.utils import set_seed
+
+        if not (cfg.model and cfg.data and cfg.out):
+            raise ValueError("--model, --data and --out are required")
+        if cfg.aligner_pretrain_steps and not cfg.aligns:
+            raise ValueError("--aligner-pretrain-steps needs --targets and --lam > 0")
+        self.cfg, self.out = cfg, Path(cfg.out)
+        trackers = [t for t in cfg.report_to.split(",") if t and t != "none"]
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, log_with=trackers or None,
+            project_dir=str(self.out),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # Aligner pretraining runs the VLM without a graph, so its parameters see no gradient then
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.aligner_pretrain_steps > 0)])
+        set_seed(cfg.seed)
+        model, self.processor = load_vlm(cfg.model)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        image_token_id = adapter_for(model).image_token_id
+        self.dataset = StageTwoDataset.from_paths(
+            cfg.data, self.processor, image_token_id, cfg.targets if cfg.aligns else "", cfg.image_root, cfg.limit,
+            instruction=cfg.instruction, max_length=cfg.max_length, match=cfg.match, position=cfg.align_position)
+        resolution = self.dataset.targets.resolution if self.dataset.targets is not None else 32
+        model = select_parameters(model, cfg)
+        objective = build_objective(model, cfg.aligns, cfg.layers, cfg.aggregation, cfg.aligner(1, resolution))
+        groups = [{"params": [p for p in objective.vlm.parameters() if p.requires_grad], "lr": cfg.lr}]
+        if objective.alignment is not None:
+            groups.append({"params": list(objective.alignment.parameters()), "lr": cfg.aligner_lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        # not prepared: accelerate would step it once per process
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        loader = DataLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                            collate_fn=Collator(tokenizer.pad_token_id), drop_last=len(self.dataset) >= cfg.batch_size,
+                            generator=torch.Generator().manual_seed(cfg.seed))
+        self.objective, self.optimizer, self.loader = self.accelerator.prepare(objective, optimizer, loader)
+        self.progress = Progress()
+        self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
+        self.accelerator.register_save_state_pre_hook(self._save_trainable)
+        self.accelerator.register_load_state_pre_hook(self._load_trainable)
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def _save_trainable(self, models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+        """Only what training changes is written, not the frozen base model."""
+        for model in models:
+            if self.accelerator.is_main_process:
+                save_file(_trainable_state(self.accelerator.unwrap_model(model)), str(Path(output_dir) / TRAINABLE_FILE))
+            if weights:
+                weights.pop()
+
+    def _load_trainable(self, models: list[nn.Module], input_dir: str) -> None:
+        state = load_file(str(Path(input_dir) / TRAINABLE_FILE))
+        while models:
+            missing = self.accelerator.unwrap_model(models.pop()).load_state_dict(state, strict=False)
+            if missing.unexpected_keys:
+                raise ValueError(f"checkpoint {input_dir} does not fit this model: {missing.unexpected_keys[:5]}")
+
+    def save_checkpoint(self, tag: str | None = None) -> Path:
+        """Write `checkpoint-<step>` via a temporary directory, then drop the oldest beyond the kept number."""
+        root = self.out / "checkpoints"
+        final = root / (tag or f"checkpoint-{self.progress.step}")
+        tmp = final.with_name(final.name + ".tmp")
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in _checkpoints(root)[: -self.cfg.keep_checkpoints or None]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def maybe_resume(self) -> None:
+        found = _checkpoints(self.out / "checkpoints") if self.cfg.resume else []
+        if found:
+            self.accelerator.load_state(str(found[-1]))
+            self.accelerator.print(f"resumed from {found[-1]} at step {self.progress.step}")
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def micro_batches(self) -> Iterator[Batch]:
+        """Batches forever, epoch after epoch, starting from the saved data position."""
+        while True:
+            self.loader.set_epoch(self.progress.epoch)
+            source = self.loader
+            if self.progress.batch:
+                source = self.accelerator.skip_first_batches(self.loader, self.progress.batch)
+                source.set_epoch(self.progress.epoch)  # a fresh loader would count its epochs from 0
+            for batch in source:
+                self.progress.batch += 1
+                yield batch.to(self.accelerator.device)
+            self.progress.epoch += 1
+            self.progress.batch = 0
+
+    def _global(self, values: list[float]) -> list[float]:
+        total = self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.accelerator.device),
+                                        "sum")
+        return total.tolist()
+
+    def train_step(self, micro: list[Batch]) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        train_vlm = self.progress.step >= cfg.aligner_pretrain_steps
+        tokens, words = self._global([sum(b.label_tokens for b in micro), sum(len(b.words) for b in micro)])
+        world = acc.num_processes
+        lm_total, att_total = 0.0, 0.0
+        for i, batch in enumerate(micro):
+            sync = acc.no_sync(self.objective) if i < len(micro) - 1 else nullcontext()
+            with sync:
+                out = self.objective(batch, train_vlm=train_vlm)
+                loss = out["lm_sum"] * 0.0
+                if train_vlm:
+                    loss = loss + out["lm_sum"] * (world / max(tokens, 1))
+                if "att_sum" in out:
+                    loss = loss + cfg.lam * out["att_sum"] * (world / max(words, 1))
+                lm, att = float(out["lm_sum"].detach()), float(out.get("att_sum", torch.zeros(())).detach())
+                if self._global([float(not math.isfinite(lm + att))])[0]:
+                    where = self.save_checkpoint(f"checkpoint-{self.progress.step}-last-good")
+                    raise TrainingError(f"non-finite loss at step {self.progress.step + 1} (L_VLM sum {lm}, "
+                                        f"L_att sum {att}); stopped. Last good state: {where}")
+                acc.backward(loss)
+            lm_total, att_total = lm_total + lm, att_total + att
+        if cfg.max_grad_norm > 0 and acc.sync_gradients:
+            acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lm_sum, att_sum = self._global([lm_total, att_total])
+        metrics = {"L_VLM": lm_sum / max(tokens, 1), "lr": self.scheduler.get_last_lr()[0]}
+        if self.objective_alignment is not None:
+            metrics |= {"L_att": att_sum / max(words, 1), "matched_words": words}
+        return metrics
+
+    @property
+    def objective_alignment(self):
+        return self.accelerator.unwrap_model(self.objective).alignment
+
+    def _log(self, metrics: dict, micro: list[Batch]) -> None:
+        for batch in micro:
+            self.progress.events.update(batch.events)
+        counts = self._global([float(self.progress.events[k]) for k in EVENTS])
+        metrics |= {f"count/{k.replace(' ', '_')}": int(v) for k, v in zip(EVENTS, counts) if v}
+        step = self.progress.step
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+            self.accelerator.log(metrics, step=step)
+            if self.accelerator.is_main_process:
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def run(self) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        self.maybe_resume()
+        acc.init_trackers("lavender", config={k: str(v) for k, v in cfg.__dict__.items()})
+        stream = self.micro_batches()
+        bar = tqdm(total=cfg.steps, initial=self.progress.step, disable=not acc.is_main_process, desc="train")
+        self.objective.train()
+        while self.progress.step < cfg.steps:
+            micro = [next(stream) for _ in range(cfg.grad_accum)]
+            metrics = self.train_step(micro)
+            self.progress.step += 1
+            self._log(metrics, micro)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("L_VLM", "L_att", "matched_words")})
+            if cfg.save_every and self.progress.step % cfg.save_every == 0 and self.progress.step < cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_checkpoint()
+        final = self.out / "final"
+        if acc.is_main_process:
+            final = save_final(acc.unwrap_model(self.objective), self.processor, self.out, cfg)
+            skipped = {k: v for k, v in self.progress.events.items() if v}
+            if skipped:
+                log.warning("skipped or adjusted on the main process: %s", skipped)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return final
+
+
+def train(cfg: TrainConfig) -> Path:
+    return Trainer(cfg).run()
