@@ -138,13 +138,18 @@ def noise_image(height: int, width: int, seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def qwen2_vl_inputs(padding_side: str = "left", processor=None) -> dict:
-    """Two samples with different image grids (2 x 3 and 4 x 2 merged tokens) and text lengths, padded."""
+# (question, answer, image height, width): the first sample is the longer one (8 image tokens, a 4 x 2 grid),
+# the second is shorter (6 image tokens, 2 x 3) and gets the padding
+SAMPLES = (("how many objects are there in the picture ?", "two .", 64, 32),
+           ("what is this ?", "a red circle .", 32, 48))
+
+
+def qwen2_vl_inputs(padding_side: str = "left", count: int = 2, processor=None) -> dict:
+    """The first `count` of `SAMPLES` through the processor, padded on `padding_side`."""
     processor = processor or build_processor()
-    texts = [processor.apply_chat_template(chat("what is this ?", "a red circle ."), tokenize=False),
-             processor.apply_chat_template(chat("how many objects are there in the picture ?", "two ."),
-                                           tokenize=False)]
-    images = [noise_image(32, 48, seed=0), noise_image(64, 32, seed=1)]
+    samples = SAMPLES[:count]
+    texts = [processor.apply_chat_template(chat(q, a), tokenize=False) for q, a, _, _ in samples]
+    images = [noise_image(h, w, seed=i) for i, (_, _, h, w) in enumerate(samples)]
     batch = processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt")
     return dict(batch)
 

@@ -45,7 +45,6 @@ EXTRA_WORDS = (
 )
 PUNCTUATION = tuple(".,?!:;'\"-()/")
 DIGITS = tuple("0123456789")
-LOWERCASE_WORDS = True  # the world's words are lower-case; "What" and "what" should be one token
 
 # Llama 3.2 Vision's turn layout without its system-prompt and tool parts. Every line starts with a
 # whitespace-trimming tag, so the newlines here render as nothing.
@@ -106,28 +105,28 @@ class BaseVLMConfig:
 
 def tokenizer_words() -> list[str]:
     """Every whole word of the tokenizer: the world's vocabulary, its answers and relations, instructions, roles."""
-    sizes = list(SIZES)
-    return sorted(set(world_vocabulary()) | set(NUMBER_WORDS) | set(sizes) | set(EXTRA_WORDS))
+    return sorted(set(world_vocabulary()) | set(NUMBER_WORDS) | set(SIZES) | set(EXTRA_WORDS))
 
 
 def build_tokenizer(words: list[str] | None = None, model_max_length: int = 512) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer over `words` (default `tokenizer_words()`) with Llama 3.2 Vision specials.
 
-    Ids: the words, then digits and punctuation, then the special tokens, and `<|image|>` last.
+    Ids: the words, then digits and punctuation, then the special tokens, and `<|image|>` last. Text is
+    lower-cased first (the world writes "What" and "what"); offsets still index the original string.
+    Decoding joins tokens with single spaces, so it gives back the words, not the original spacing.
     """
     words = sorted({w.lower() for w in (words or tokenizer_words())})
     pieces = list(dict.fromkeys([*words, *DIGITS, *PUNCTUATION]))
     vocab = {t: i for i, t in enumerate([*pieces, *SPECIAL_TOKENS, IMAGE])}
     tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
-    if LOWERCASE_WORDS:
-        tok.normalizer = normalizers.Lowercase()
+    tok.normalizer = normalizers.Lowercase()
     # words and numbers split apart, then every punctuation mark and every digit on its own
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Whitespace(),
         pre_tokenizers.Punctuation(behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
     ])
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins with spaces, tidies " ?" and " ,"
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # no "##" pieces exist: this joins with spaces
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (*SPECIAL_TOKENS, IMAGE)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOT, pad_token=PAD, unk_token=UNK,
@@ -150,7 +149,8 @@ def tile_grids(max_num_tiles: int) -> list[list[int]]:
 
 
 def mllama_config(cfg: BaseVLMConfig, tokenizer: PreTrainedTokenizerFast) -> MllamaConfig:
-    """The model config: vision features = final + intermediate layer outputs; text vocabulary ends before `<|image|>`."""
+    """Mllama's config: image features are the final plus intermediate vision layers; the LM head stops before
+    `<|image|>`."""
     image_id = tokenizer.convert_tokens_to_ids(IMAGE)
     if image_id != len(tokenizer) - 1:
         raise ValueError("the tokenizer must have <|image|> as its last id")
@@ -174,6 +174,7 @@ def mllama_config(cfg: BaseVLMConfig, tokenizer: PreTrainedTokenizerFast) -> Mll
 
 
 def build_processor(cfg: BaseVLMConfig, tokenizer: PreTrainedTokenizerFast | None = None) -> MllamaProcessor:
+    """The processor saved with the model; the chat template goes on it so `chat_template.jinja` is written."""
     tokenizer = tokenizer or build_tokenizer(model_max_length=cfg.max_positions)
     return MllamaProcessor(image_processor=build_image_processor(cfg), tokenizer=tokenizer,
                            chat_template=CHAT_TEMPLATE)

@@ -1,0 +1,148 @@
+"""`lavender train` on tiny saved VLMs: L_att falls, exact resume, clear stops, loadable outputs, merge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from vlm_testers import save_tiny_llava
+
+import lavender.train.objective as objective_module
+from lavender.train.config import TrainConfig
+from lavender.train.trainer import Trainer, TrainingError, train
+from lavender.world.oracle import write_oracle_store
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return save_tiny_llava(tmp_path_factory.mktemp("llava") / "m")
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_world, tmp_path_factory):
+    return write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path_factory.mktemp("oracle") / "s")
+
+
+def _cfg(model, world, store, out, **kw) -> TrainConfig:
+    args = dict(model=str(model), data=str(world), targets=str(store), out=str(out), steps=6, batch_size=4,
+                lr=1e-3, aligner_lr=3e-3, report_to="none", lora_dropout=0.0, resume=True)
+    return TrainConfig(**(args | kw))
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_attention_loss_falls_llava(llava_dir, tiny_world, oracle, tmp_path):
+    train(_cfg(llava_dir, tiny_world, oracle, tmp_path / "run", steps=30, schedule="constant"))
+    rows = metrics(tmp_path / "run")
+    att = [r["L_att"] for r in rows]
+    assert len(rows) == 30 and all(r["matched_words"] > 0 for r in rows)
+    assert sum(att[-5:]) / 5 < 0.7 * sum(att[:5]) / 5, att
+
+
+def test_resume_continues_exactly(llava_dir, tiny_world, oracle, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train(_cfg(llava_dir, tiny_world, oracle, straight, save_every=3, aggregation="learn"))
+
+    crashed = tmp_path / "crashed"
+    real_step = Trainer.train_step
+
+    def crash_at_step_five(self, micro):
+        if self.progress.step == 4:
+            raise KeyboardInterrupt  # a crash after checkpoint-3 was written and one more step was done
+        return real_step(self, micro)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(llava_dir, tiny_world, oracle, crashed, save_every=3, aggregation="learn"))
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert [p.name for p in (crashed / "checkpoints").iterdir()] == ["checkpoint-3"]
+    train(_cfg(llava_dir, tiny_world, oracle, crashed, save_every=3, aggregation="learn"))
+
+    done = {r["step"]: r for r in metrics(straight)}
+    resumed = {r["step"]: r for r in metrics(crashed)}  # step 4 logged twice; the rerun's line comes last
+    for step in range(1, 7):
+        for key in ("L_VLM", "L_att", "matched_words", "lr"):
+            assert resumed[step][key] == pytest.approx(done[step][key], rel=1e-6, abs=1e-9), (step, key)
+    a, b = load_file(straight / "final" / "adapter_model.safetensors"), load_file(crashed / "final" /
+                                                                                  "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_non_finite_loss_stops_with_a_good_checkpoint(llava_dir, tiny_world, oracle, tmp_path, monkeypatch):
+    real = objective_module.language_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        value = real(logits, labels)
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setattr(objective_module, "language_loss_sum", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 3.*checkpoint-2-last-good"):
+        train(_cfg(llava_dir, tiny_world, oracle, tmp_path / "run"))
+    saved = load_file(tmp_path / "run" / "checkpoints" / "checkpoint-2-last-good" / "trainable.safetensors")
+    assert saved and all(torch.isfinite(t).all() for t in saved.values())
+    assert any("lora_B" in k and t.abs().sum() > 0 for k, t in saved.items())  # two real updates are in it
+
+
+def test_outputs_load_with_plain_transformers_and_peft_and_merge(llava_dir, tiny_world, oracle, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lavender.train.merge import merge_adapter
+
+    final = train(_cfg(llava_dir, tiny_world, oracle, tmp_path / "run", steps=3))
+    assert (final / "aligner" / "model.safetensors").exists()
+    assert json.loads((final / "aligner" / "config.json").read_text())["aggregation"] == "mean-mean"
+    base = AutoModelForImageTextToText.from_pretrained(llava_dir)
+    tuned = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(llava_dir), final).eval()
+    processor = AutoProcessor.from_pretrained(final)
+    from PIL import Image
+
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                          "text": "Describe the image."}]}], add_generation_prompt=True)
+    inputs = processor(text=[text], images=[[Image.new("RGB", (32, 32), "red")]], return_tensors="pt",
+                       add_special_tokens=False)
+    with torch.no_grad():
+        before, after = base.eval()(**inputs).logits, tuned(**inputs).logits
+    assert not torch.allclose(before, after)  # the adapter changed the model
+
+    merged_dir = merge_adapter(final, tmp_path / "merged")
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, after, rtol=1e-4, atol=1e-5)
+    assert (merged_dir / "aligner" / "config.json").exists()
+
+
+def test_aligner_pretraining_leaves_the_vlm_alone(llava_dir, tiny_world, oracle, tmp_path):
+    final = train(_cfg(llava_dir, tiny_world, oracle, tmp_path / "pre", steps=2, aligner_pretrain_steps=2))
+    lora_b = [t for k, t in load_file(final / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert lora_b and all(t.abs().sum() == 0 for t in lora_b)  # LoRA B starts at zero and was never stepped
+    final = train(_cfg(llava_dir, tiny_world, oracle, tmp_path / "joint", steps=2))
+    lora_b = [t for k, t in load_file(final / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert any(t.abs().sum() > 0 for t in lora_b)
+
+
+def test_full_fine_tuning_with_a_trainable_projector(llava_dir, tiny_world, oracle, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    final = train(_cfg(llava_dir, tiny_world, oracle, tmp_path / "full", steps=2, lora=False, train_projector=True))
+    base = AutoModelForImageTextToText.from_pretrained(llava_dir).state_dict()
+    tuned = AutoModelForImageTextToText.from_pretrained(final).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert any("language_model" in k for k in changed)
+    assert any("multi_modal_projector" in k for k in changed)
+    assert not any("vision_tower" in k for k in changed)
+
+
+@pytest.mark.parametrize("aggregation", ["max-max", "flow-sum", "flow-multi", "per-layer", "heads", "learn"])
+def test_every_aggregation_trains(llava_dir, tiny_world, oracle, tmp_path, aggregation):
+    train(_cfg(llava_dir, tiny_world, oracle, tmp_path / aggregation, steps=2, aggregation=aggregation,
+               aligner_depth="light"))
+    rows = metrics(tmp_path / aggregation)
+    assert all(torch.isfinite(torch.tensor(r["L_att"])) and r["matched_words"] > 0 for r in rows)
