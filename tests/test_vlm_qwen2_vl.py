@@ -35,8 +35,8 @@ def test_captured_rows_equal_eager_attention(attn, qwen2_5):
     for inputs in (qwen2_vl_inputs(padding_side="left"), qwen2_vl_inputs(count=1)):
         s = inputs["input_ids"].shape[1]
         pads = (inputs["attention_mask"] == 0).sum(-1).tolist()
-        image_row = int((inputs["input_ids"][0] == image_pad).nonzero()[2])
-        assert pads[0] == 0 and (len(pads) == 1 or 0 < pads[1] < image_row)
+        image_row = int((inputs["input_ids"][0] == image_pad).nonzero()[4])
+        assert pads[0] == 0 and (len(pads) == 1 or 0 < pads[1] <= image_row)  # the image row is real in both
         rows = torch.tensor([s - 1, s - 4, s - 7, image_row])  # text after the image, an image token
         with torch.no_grad():
             reference = eager(**inputs, output_attentions=True).attentions

@@ -297,6 +297,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         self.maybe_resume()
+        acc.print(f"training on {acc.num_processes} processes ({acc.distributed_type.value}, {acc.device}), "
+                  f"{len(self.dataset)} samples, {self.progress.step}/{cfg.steps} steps done")
         acc.init_trackers("lavender", config={k: str(v) for k, v in cfg.__dict__.items()})
         stream = self.micro_batches()
         bar = tqdm(total=cfg.steps, initial=self.progress.step, disable=not acc.is_main_process, desc="train")

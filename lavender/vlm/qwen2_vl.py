@@ -109,7 +109,7 @@ def capture_self_attention_rows(model, layers: list[int], rows: torch.Tensor | N
             rows_mask = mask[:, :, query_pos, :s]
             if rows_mask.dtype != torch.bool:
                 rows_mask = rows_mask > torch.finfo(rows_mask.dtype).min / 2
-            allowed = allowed & rows_mask
+            pass
         captured[layers[index]] = attention_rows(q[:, :, query_pos], k, module.scaling,
                                                  module.num_key_value_groups, allowed)
 
