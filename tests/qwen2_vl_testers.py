@@ -35,7 +35,12 @@ from lavender.world.scenes import world_vocabulary
 PATCH, MERGE = 8, 2  # 8-pixel patches merged 2 x 2: one image token per 16 x 16 pixels
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, UNK = (
-    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|unk|>")
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|unk|>",
+)
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, UNK)
 EXTRA_WORDS = ("user", "assistant", "system", "this", "in", "picture", "you", "see", "do")
 
@@ -66,29 +71,47 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {t: i for i, t in enumerate([*pieces, *SPECIAL_TOKENS])}
     tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
-                                                 pre_tokenizers.Punctuation(behavior="isolated"),
-                                                 pre_tokenizers.Digits(individual_digits=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Whitespace(),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT, unk_token=UNK, model_max_length=512,
-        chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
-        extra_special_tokens={"image_token": IMAGE_PAD, "video_token": VIDEO_PAD,
-                              "vision_start_token": VISION_START, "vision_end_token": VISION_END},
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        unk_token=UNK,
+        model_max_length=512,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        extra_special_tokens={
+            "image_token": IMAGE_PAD,
+            "video_token": VIDEO_PAD,
+            "vision_start_token": VISION_START,
+            "vision_end_token": VISION_END,
+        },
     )
 
 
 def build_image_processor() -> Qwen2VLImageProcessorPil:
     """Qwen2-VL's PIL image processor for 8-pixel patches: 16 x 16 to 64 x 64 pixels after resizing."""
-    return Qwen2VLImageProcessorPil(size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64}, patch_size=PATCH,
-                                    merge_size=MERGE, temporal_patch_size=2)
+    return Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
+        patch_size=PATCH,
+        merge_size=MERGE,
+        temporal_patch_size=2,
+    )
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> PaddleOCRVLProcessor:
     """The processor that is saved with the tiny models (see the module docstring for why this class)."""
-    return PaddleOCRVLProcessor(image_processor=build_image_processor(), tokenizer=tokenizer or build_tokenizer(),
-                                chat_template=CHAT_TEMPLATE)
+    return PaddleOCRVLProcessor(
+        image_processor=build_image_processor(), tokenizer=tokenizer or build_tokenizer(), chat_template=CHAT_TEMPLATE
+    )
 
 
 class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
@@ -103,19 +126,49 @@ class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
 def tiny_config(tokenizer: PreTrainedTokenizerFast, qwen2_5: bool = False) -> Qwen2VLConfig | Qwen2_5_VLConfig:
     """3 text layers with 4 query / 2 key-value heads of size 8 (M-RoPE sections 2, 1, 1), a 1-2 block ViT."""
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
-                bos_token_id=None, eos_token_id=ids(IM_END), pad_token_id=ids(ENDOFTEXT))
-    tokens = dict(image_token_id=ids(IMAGE_PAD), video_token_id=ids(VIDEO_PAD),
-                  vision_start_token_id=ids(VISION_START), vision_end_token_id=ids(VISION_END))
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+        bos_token_id=None,
+        eos_token_id=ids(IM_END),
+        pad_token_id=ids(ENDOFTEXT),
+    )
+    tokens = dict(
+        image_token_id=ids(IMAGE_PAD),
+        video_token_id=ids(VIDEO_PAD),
+        vision_start_token_id=ids(VISION_START),
+        vision_end_token_id=ids(VISION_END),
+    )
     if qwen2_5:  # windows of 2 x 2 merged tokens in block 0, full attention in block 1
-        vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                      patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2,
-                      window_size=2 * MERGE * PATCH, fullatt_block_indexes=[1])
+        vision = dict(
+            depth=2,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=32,
+            patch_size=PATCH,
+            spatial_merge_size=MERGE,
+            temporal_patch_size=2,
+            window_size=2 * MERGE * PATCH,
+            fullatt_block_indexes=[1],
+        )
         return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **tokens)
-    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=PATCH,
-                  spatial_merge_size=MERGE, temporal_patch_size=2)
+    vision = dict(
+        depth=1,
+        embed_dim=16,
+        hidden_size=32,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=PATCH,
+        spatial_merge_size=MERGE,
+        temporal_patch_size=2,
+    )
     return Qwen2VLConfig(vision_config=vision, text_config=text, **tokens)
 
 
@@ -130,8 +183,10 @@ def tiny_qwen2_vl(attn: str, qwen2_5: bool = False) -> Qwen2VLForConditionalGene
 
 def chat(question: str, answer: str) -> list[dict]:
     """One image-question-answer exchange in the message format the stage-2 trainer uses."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-            {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
 
 
 def noise_image(height: int, width: int, seed: int) -> Image.Image:
@@ -140,8 +195,10 @@ def noise_image(height: int, width: int, seed: int) -> Image.Image:
 
 # (question, answer, image height, width): the first sample is the longer one (8 image tokens, a 4 x 2 grid),
 # the second is shorter (6 image tokens, 2 x 3) and gets the padding
-SAMPLES = (("how many objects are there in the picture ?", "two .", 64, 32),
-           ("what is this ?", "a red circle .", 32, 48))
+SAMPLES = (
+    ("how many objects are there in the picture ?", "two .", 64, 32),
+    ("what is this ?", "a red circle .", 32, 48),
+)
 
 
 def qwen2_vl_inputs(padding_side: str = "left", count: int = 2, processor=None) -> dict:

@@ -146,3 +146,10 @@ def test_every_aggregation_trains(llava_dir, tiny_world, oracle, tmp_path, aggre
                aligner_depth="light"))
     rows = metrics(tmp_path / aggregation)
     assert all(torch.isfinite(torch.tensor(r["L_att"])) and r["matched_words"] > 0 for r in rows)
+
+
+def test_bf16_with_gradient_checkpointing_runs(llava_dir, tiny_world, oracle, tmp_path):
+    train(_cfg(llava_dir, tiny_world, oracle, tmp_path / "bf16", steps=2, mixed_precision="bf16",
+               gradient_checkpointing=True, grad_accum=2, batch_size=2))
+    rows = metrics(tmp_path / "bf16")
+    assert len(rows) == 2 and all(r["L_VLM"] > 0 and r["matched_words"] > 0 for r in rows)

@@ -45,9 +45,9 @@ def test_captured_rows_equal_eager_attention(attn, qwen2_5):
         for layer in (0, 2):
             assert captured[layer].shape == (len(pads), 4, len(rows), s)
             torch.testing.assert_close(captured[layer], reference[layer][:, :, rows], atol=1e-5, rtol=1e-5)
-        assert captured[2][:, :, -1, image_row + 1:].abs().max() == 0  # the image row sees no later position
+        assert captured[2][:, :, -1, image_row + 1 :].abs().max() == 0  # the image row sees no later position
         if len(pads) == 2:
-            assert captured[2][1, :, :, :pads[1]].abs().max() < 1e-6  # the padding gets nothing
+            assert captured[2][1, :, :, : pads[1]].abs().max() < 1e-6  # the padding gets nothing
 
 
 def test_capture_leaves_the_outputs_unchanged():
@@ -88,7 +88,8 @@ def test_merged_tokens_land_on_their_image_cell(height, width, qwen2_5):
 
     seen = {}
     hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
     with torch.no_grad():
         model(**batch)
     hook.remove()
@@ -152,7 +153,8 @@ def test_adapter_for_picks_the_family_and_maps_every_sample():
         model = tiny_qwen2_vl("sdpa", qwen2_5)
         adapter = adapter_for(model)
         assert adapter.family == "qwen2_vl" and adapter.alignable_layers() == [0, 1, 2]
-        assert adapter.image_token_id == processor.image_token_id == processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        image_pad = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        assert adapter.image_token_id == processor.image_token_id == image_pad
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert adapter_for(lora).family == "qwen2_vl"
 
@@ -199,15 +201,21 @@ def test_saved_model_and_processor_load_and_train(tmp_path, qwen2_5):
 
     messages = [chat("what is this ?", "a red circle ."), chat("how many squares are there ?", "two .")]
     texts = [processor.apply_chat_template(m, tokenize=False) for m in messages]
-    assert texts[0] == ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is this ?<|im_end|>\n"
-                        "<|im_start|>assistant\na red circle .<|im_end|>\n")
+    assert texts[0] == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is this ?<|im_end|>\n"
+        "<|im_start|>assistant\na red circle .<|im_end|>\n"
+    )
     images = [noise_image(32, 48, seed=0), noise_image(64, 64, seed=1)]
     kwargs = dict(text=texts, images=images, return_offsets_mapping=True, padding=True, return_tensors="pt")
     batch = processor(**kwargs)
-    reference = Qwen2VLImageOnlyProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
-                                          chat_template=processor.chat_template)(**kwargs)
-    assert set(batch) == set(reference) >= {"input_ids", "attention_mask", "offset_mapping", "mm_token_type_ids",
-                                            "pixel_values", "image_grid_thw"}
+    reference = Qwen2VLImageOnlyProcessor(
+        image_processor=processor.image_processor, tokenizer=processor.tokenizer, chat_template=processor.chat_template
+    )(**kwargs)
+    assert (
+        set(batch)
+        == set(reference)
+        >= {"input_ids", "attention_mask", "offset_mapping", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
+    )
     for key in reference:
         assert torch.equal(batch[key], reference[key]), key
     assert batch["image_grid_thw"].tolist() == [[1, 4, 6], [1, 8, 8]]
@@ -215,7 +223,7 @@ def test_saved_model_and_processor_load_and_train(tmp_path, qwen2_5):
     # offsets index the text after `<|image_pad|>` has been expanded, not the chat-template string
     ids, offsets = batch["input_ids"][0].tolist(), batch["offset_mapping"][0].tolist()
     circle = ids.index(processor.tokenizer.convert_tokens_to_ids("circle"))
-    assert texts[0].replace(IMAGE_PAD, IMAGE_PAD * 6)[offsets[circle][0]:offsets[circle][1]] == "circle"
+    assert texts[0].replace(IMAGE_PAD, IMAGE_PAD * 6)[offsets[circle][0] : offsets[circle][1]] == "circle"
 
     inputs = {k: v for k, v in batch.items() if k != "offset_mapping"}
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)

@@ -37,6 +37,10 @@ def attention_rows(q: torch.Tensor, k: torch.Tensor, scaling: float, groups: int
     return scores.softmax(dim=-1).to(q.dtype)
 
 
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 @contextmanager
 def row_capture_hooks(targets: list[tuple[nn.Module, nn.Module, nn.Module]],
                       compute: Callable[[nn.Module, int, dict], None]) -> Iterator[None]:
@@ -58,7 +62,10 @@ def row_capture_hooks(targets: list[tuple[nn.Module, nn.Module, nn.Module]],
             return lambda module, args, out: seen.__setitem__(name, out)
 
         def done(module, args, kwargs, out, seen=seen, index=index):
-            compute(module, index, dict(seen))
+            # Tensors the rows need for backward are kept as they are, even inside an activation-checkpointed
+            # layer: the recomputation in backward runs without these hooks, so it could not rebuild them.
+            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                compute(module, index, dict(seen))
             seen.clear()
 
         handles += [attn.register_forward_pre_hook(keep_kwargs, with_kwargs=True),

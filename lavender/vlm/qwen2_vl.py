@@ -36,13 +36,15 @@ def image_planes(batch: dict, merge: int) -> list[tuple[int, int]]:
     grids = batch["image_grid_thw"]
     n_samples = batch["input_ids"].shape[0]
     if grids.shape[0] != n_samples:
-        raise ValueError(f"alignment supports one image per sample; got {grids.shape[0]} images for {n_samples} "
-                         "samples")
+        raise ValueError(
+            f"alignment supports one image per sample; got {grids.shape[0]} images for {n_samples} samples"
+        )
     planes = []
     for t, h, w in grids.tolist():
         if t != 1 or h % merge or w % merge:
-            raise ValueError(f"expected a single-frame image grid divisible by the merge size {merge}, "
-                             f"got (t, h, w) = {(t, h, w)}")
+            raise ValueError(
+                f"expected a single-frame image grid divisible by the merge size {merge}, got (t, h, w) = {(t, h, w)}"
+            )
         planes.append((h // merge, w // merge))
     return planes
 
@@ -75,8 +77,9 @@ def rotary_function(attention: torch.nn.Module):
 
 
 @contextmanager
-def capture_self_attention_rows(model, layers: list[int], rows: torch.Tensor | None = None,
-                                learned: LearnedProjections | None = None):
+def capture_self_attention_rows(
+    model, layers: list[int], rows: torch.Tensor | None = None, learned: LearnedProjections | None = None
+):
     """Record causal self-attention rows of the given decoder layers during one forward pass (no cache).
 
     Hooks take the layer's q_proj/k_proj outputs (or `learned`'s copies applied to the layer's input), apply
@@ -109,9 +112,10 @@ def capture_self_attention_rows(model, layers: list[int], rows: torch.Tensor | N
             rows_mask = mask[:, :, query_pos, :s]
             if rows_mask.dtype != torch.bool:
                 rows_mask = rows_mask > torch.finfo(rows_mask.dtype).min / 2
-            pass
-        captured[layers[index]] = attention_rows(q[:, :, query_pos], k, module.scaling,
-                                                 module.num_key_value_groups, allowed)
+            allowed = allowed & rows_mask
+        captured[layers[index]] = attention_rows(
+            q[:, :, query_pos], k, module.scaling, module.num_key_value_groups, allowed
+        )
 
     targets = [(decoder[i].self_attn, decoder[i].self_attn.q_proj, decoder[i].self_attn.k_proj) for i in layers]
     with row_capture_hooks(targets, compute):

@@ -1,0 +1,89 @@
+"""The stage-2 objective: flow weights, checkpointing-invariant gradients, per-layer and heads wiring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vlm_testers import save_tiny_llava
+
+from lavender.align.aggregate import aggregate_word, attention_flow
+from lavender.align.aligner import AlignerConfig
+from lavender.data.samples import read_samples
+from lavender.data.targets import AttentionTargets
+from lavender.train.data import Collator, StageTwoDataset
+from lavender.train.objective import build_objective
+from lavender.world.oracle import write_oracle_store
+
+
+def test_flow_weights_rows_by_their_place_among_text_tokens():
+    attention = torch.rand(3, 2, 2, 4, 4)  # layers, heads, rows, h, w
+    weights = torch.tensor([0.25, 1.0])
+    heads = attention.mean(dim=1)
+    torch.testing.assert_close(attention_flow(attention, weights, "sum"),
+                               heads.sum(0) * weights[:, None, None])
+    torch.testing.assert_close(attention_flow(attention, weights, "multi"),
+                               heads[0] * heads[1] * heads[2] * weights[:, None, None])
+    out = aggregate_word(attention, "flow-sum", weights)
+    assert out.shape == (1, 1, 4, 4)
+    torch.testing.assert_close(out[0, 0], (heads.sum(0) * weights[:, None, None]).mean(0))
+
+
+def test_per_layer_and_heads_shapes():
+    attention = torch.rand(3, 4, 2, 5, 5)
+    assert aggregate_word(attention, "per-layer").shape == (3, 1, 5, 5)
+    assert aggregate_word(attention, "heads").shape == (1, 4, 5, 5)
+    torch.testing.assert_close(aggregate_word(attention, "heads")[0], attention.mean(dim=2).mean(dim=0))
+    with pytest.raises(ValueError, match="r_t"):
+        aggregate_word(attention, "flow-sum")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_world, tmp_path_factory):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    root = tmp_path_factory.mktemp("obj")
+    model_dir = save_tiny_llava(root / "llava")
+    store = AttentionTargets(write_oracle_store(tiny_world / "masks-train.safetensors", root / "oracle"))
+    processor = AutoProcessor.from_pretrained(model_dir)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    data = StageTwoDataset(read_samples(tiny_world / "train.json")[:3], processor, image_token, store,
+                           instruction="Describe the image.", max_length=256)
+    batch = Collator(processor.tokenizer.pad_token_id)([data[i] for i in range(3)])
+    return model_dir, batch
+
+
+@pytest.mark.parametrize("aggregation", ["mean-mean", "heads", "per-layer", "learn"])
+def test_gradient_checkpointing_gives_the_same_gradients(setup, aggregation):
+    from transformers import AutoModelForImageTextToText
+
+    model_dir, batch = setup
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_pretrained(model_dir)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        objective = build_objective(model, True, (), aggregation, AlignerConfig(resolution=16))
+        objective.train()
+        out = objective(batch)
+        assert out["att_count"] > 0
+        (out["lm_sum"] + 10 * out["att_sum"]).backward()
+        grads.append({n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None})
+    plain, ckpt = grads
+    assert plain.keys() == ckpt.keys() and any("q_proj" in n for n in plain)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_attention_loss_reaches_the_query_projections(setup):
+    from transformers import AutoModelForImageTextToText
+
+    model_dir, batch = setup
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    objective = build_objective(model, True, (1,), "mean-mean", AlignerConfig(resolution=16))
+    objective(batch)["att_sum"].backward()
+    layers = model.model.language_model.layers
+    assert layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert layers[1].self_attn.v_proj.weight.grad is None or layers[1].self_attn.v_proj.weight.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="cannot be aligned"):
+        build_objective(model, True, (7,), "mean-mean", AlignerConfig(resolution=16))
