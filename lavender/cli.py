@@ -84,6 +84,12 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged model: {merge_adapter(args.adapter, args.out, args.base)}")
 
 
+def cmd_world_vlm(args: argparse.Namespace) -> None:
+    from lavender.world.base_vlm import PretrainConfig, pretrain_base_vlm
+
+    print(f"base VLM: {pretrain_base_vlm(config_from_args(PretrainConfig, args))}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from lavender.world.demo import run_demo
 
@@ -93,6 +99,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from lavender.diffusion.extract import ExtractConfig
     from lavender.train.config import TrainConfig
+    from lavender.world.base_vlm import PretrainConfig
     from lavender.world.data import WorldDataConfig
     from lavender.world.teacher import TeacherConfig
 
@@ -152,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusion-model", default="unknown", help="model the maps came from, for the record")
     p.set_defaults(func=cmd_import)
 
-    wd = sub.add_parser("world", help="the shapes world: data, teacher").add_subparsers(dest="world",
+    wd = sub.add_parser("world", help="the shapes world: data, teacher, base VLM").add_subparsers(dest="world",
                                                                                        required=True, metavar="WHAT")
     p = wd.add_parser("data", help="generate shapes-world scenes in LLaVA format with word masks")
     add_dataclass_args(p, WorldDataConfig)
@@ -160,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = wd.add_parser("teacher", help="train the shapes text-to-image teacher (resumable)")
     add_dataclass_args(p, TeacherConfig)
     p.set_defaults(func=cmd_world_teacher)
+    p = wd.add_parser("vlm", help="pretrain the shapes world's base VLM (Mllama layout; resumable)")
+    add_dataclass_args(p, PretrainConfig)
+    p.set_defaults(func=cmd_world_vlm)
 
     p = sub.add_parser("demo", help="the main job on the shapes world: data, stage 1, grounding, overlays")
     p.add_argument("--out", default="demo-output", help="output directory")

@@ -172,7 +172,9 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, qwen2_5: bool = False) -> Qw
     return Qwen2VLConfig(vision_config=vision, text_config=text, **tokens)
 
 
-def tiny_qwen2_vl(attn: str, qwen2_5: bool = False) -> Qwen2VLForConditionalGeneration:
+def tiny_qwen2_vl(
+    attn: str, qwen2_5: bool = False
+) -> Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration:
     """A seeded random Qwen2-VL (or Qwen2.5-VL) using attention kernel `attn`, in eval mode."""
     config = tiny_config(build_tokenizer(), qwen2_5)
     config._attn_implementation = attn

@@ -6,7 +6,7 @@ import pytest
 import torch
 from vlm_testers import save_tiny_llava
 
-from lavender.align.aggregate import aggregate_word, attention_flow
+from lavender.align.aggregate import aggregate, attention_flow
 from lavender.align.aligner import AlignerConfig
 from lavender.data.samples import read_samples
 from lavender.data.targets import AttentionTargets
@@ -23,29 +23,39 @@ def test_flow_weights_rows_by_their_place_among_text_tokens():
                                heads.sum(0) * weights[:, None, None])
     torch.testing.assert_close(attention_flow(attention, weights, "multi"),
                                heads[0] * heads[1] * heads[2] * weights[:, None, None])
-    out = aggregate_word(attention, "flow-sum", weights)
-    assert out.shape == (1, 1, 4, 4)
-    torch.testing.assert_close(out[0, 0], (heads.sum(0) * weights[:, None, None]).mean(0))
+    both_rows = torch.tensor([[0.5, 0.5]])  # one word of two sub-word rows
+    out = aggregate(attention, both_rows, "flow-sum", weights)
+    assert out.shape == (1, 1, 1, 4, 4)
+    torch.testing.assert_close(out[0, 0, 0], (heads.sum(0) * weights[:, None, None]).mean(0))
 
 
-def test_per_layer_and_heads_shapes():
-    attention = torch.rand(3, 4, 2, 5, 5)
-    assert aggregate_word(attention, "per-layer").shape == (3, 1, 5, 5)
-    assert aggregate_word(attention, "heads").shape == (1, 4, 5, 5)
-    torch.testing.assert_close(aggregate_word(attention, "heads")[0], attention.mean(dim=2).mean(dim=0))
+def test_words_average_their_rows_before_pooling():
+    attention = torch.rand(3, 4, 3, 5, 5)  # layers, heads, rows, h, w
+    mixing = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])  # word 0: row 0; word 1: rows 1 and 2
+    word1 = attention[:, :, 1:].mean(dim=2)  # (layers, heads, h, w)
+    out = aggregate(attention, mixing, "mean-max")
+    assert out.shape == (2, 1, 1, 5, 5)
+    torch.testing.assert_close(out[1, 0, 0], word1.amax(dim=1).mean(dim=0))
+    torch.testing.assert_close(out[0, 0, 0], attention[:, :, 0].amax(dim=1).mean(dim=0))
+    per_layer = aggregate(attention, mixing, "per-layer")
+    assert per_layer.shape == (2, 3, 1, 5, 5)
+    torch.testing.assert_close(per_layer[1, :, 0], word1.mean(dim=1))
+    heads = aggregate(attention, mixing, "heads")
+    assert heads.shape == (2, 1, 4, 5, 5)
+    torch.testing.assert_close(heads[1, 0], word1.mean(dim=0))
     with pytest.raises(ValueError, match="r_t"):
-        aggregate_word(attention, "flow-sum")
+        aggregate(attention, mixing, "flow-sum")
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_world, tmp_path_factory):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
     root = tmp_path_factory.mktemp("obj")
     model_dir = save_tiny_llava(root / "llava")
     store = AttentionTargets(write_oracle_store(tiny_world / "masks-train.safetensors", root / "oracle"))
     processor = AutoProcessor.from_pretrained(model_dir)
-    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     data = StageTwoDataset(read_samples(tiny_world / "train.json")[:3], processor, image_token, store,
                            instruction="Describe the image.", max_length=256)
     batch = Collator(processor.tokenizer.pad_token_id)([data[i] for i in range(3)])

@@ -35,8 +35,22 @@ def metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_attention_loss_falls_llava(llava_dir, tiny_world, oracle, tmp_path):
-    train(_cfg(llava_dir, tiny_world, oracle, tmp_path / "run", steps=30, schedule="constant"))
+def _family_model(family: str, root, llava_dir):
+    if family == "llava":
+        return llava_dir
+    if family == "mllama":
+        from lavender.world.base_vlm import BaseVLMConfig, build_base_vlm
+
+        return build_base_vlm(BaseVLMConfig(out=str(root / "mllama")))
+    from qwen2_vl_testers import save_tiny_qwen2_vl
+
+    return save_tiny_qwen2_vl(root / "qwen2_vl")
+
+
+@pytest.mark.parametrize("family", ["llava", "mllama", "qwen2_vl"])
+def test_attention_loss_falls(family, llava_dir, tiny_world, oracle, tmp_path):
+    model = _family_model(family, tmp_path, llava_dir)
+    train(_cfg(model, tiny_world, oracle, tmp_path / "run", steps=30, schedule="constant"))
     rows = metrics(tmp_path / "run")
     att = [r["L_att"] for r in rows]
     assert len(rows) == 30 and all(r["matched_words"] > 0 for r in rows)

@@ -30,7 +30,7 @@ def processor(llava_dir):
 
 
 def _dataset(processor, samples, store=None, **kwargs) -> StageTwoDataset:
-    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     args = dict(instruction="Describe the image.", max_length=128) | kwargs
     return StageTwoDataset(samples, processor, image_token, store, **args)
 
@@ -53,7 +53,8 @@ def test_labels_cover_assistant_turns_and_rows_hit_the_words(processor, tiny_wor
         ids, labels = enc.inputs["input_ids"][0], enc.inputs["labels"][0]
         labelled = tok.decode(ids[labels != IGNORE])
         replies = [t for role, t in sample.turns if role == "assistant"]
-        assert labelled.split() == [w for r in replies for w in tok.decode(tok(r)["input_ids"]).split() + ["</s>"]]
+        expected = [w for r in replies for w in [*tok.decode(tok(r)["input_ids"]).split(), "<|eot_id|>"]]
+        assert labelled.split() == expected
         assert enc.words, "the caption's colour and shape words have oracle targets"
         for word in enc.words:  # input position: the rows are the word's own tokens
             assert tok.decode(ids[list(word.rows)]) == word.word

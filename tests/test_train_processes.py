@@ -31,8 +31,8 @@ def test_two_processes_match_one_on_the_same_global_batch(tiny_world, tmp_path):
     model = save_tiny_llava(tmp_path / "llava")
     store = write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path / "oracle")
     single = tmp_path / "single"
-    subprocess.run([sys.executable, "-m", "lavender", *_train_args(model, tiny_world, store, single, 4)], env=ENV, check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "lavender", *_train_args(model, tiny_world, store, single, 4)], env=ENV,
+                   check=True, capture_output=True)
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     multi = tmp_path / "multi"
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",

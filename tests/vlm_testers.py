@@ -72,49 +72,32 @@ def llava_inputs() -> dict:
 
 
 # -- saved tiny models with processors, for the trainer -------------------------------------------------------
-CHAT_WORDS = ("user assistant describe the image what shape colour color is how many are there object objects "
-              "of left right above below yes no one two three four a an and").split()
 LLAVA_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}:{% for c in m['content'] %}{% if c['type'] == 'image' %} <image>"
-    "{% else %} {{ c['text'] }}{% endif %}{% endfor %}{% if m['role'] == 'assistant' %}</s>{% endif %}{{ '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-def word_tokenizer(words: list[str], specials: list[str], image_token: str):
-    """A lower-casing word-level fast tokenizer (real offsets) over `words`, punctuation and `specials`."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate([*specials, *sorted(set(words)), *".,?!:'"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=specials[0], bos_token=specials[1],
-                                   eos_token=specials[2], pad_token=specials[3])
-    fast.add_special_tokens({"additional_special_tokens": [image_token]})
-    return fast
+    "{% for m in messages %}{{ m['role'] }}:{% for c in m['content'] %}{% if c['type'] == 'image' %} <|image|>"
+    "{% else %} {{ c['text'] }}{% endif %}{% endfor %}{% if m['role'] == 'assistant' %}<|eot_id|>{% endif %}"
+    "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def save_tiny_llava(out, attn: str = "sdpa"):
-    """A tiny LLaVA over the shapes world's words, saved with its processor as a hub directory would be."""
+    """A tiny LLaVA with the shapes world's word-level tokenizer, saved with its processor like a hub model."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from lavender.world.scenes import world_vocabulary
+    from lavender.world.base_vlm import IMAGE, build_tokenizer
 
-    tokenizer = word_tokenizer([*world_vocabulary(), *CHAT_WORDS], ["<unk>", "<s>", "</s>", "<pad>"], "<image>")
+    tokenizer = build_tokenizer()
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
         tokenizer=tokenizer, patch_size=7, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_TEMPLATE)
+        chat_template=LLAVA_TEMPLATE, image_token=IMAGE)
     torch.manual_seed(0)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                        num_attention_heads=2, image_size=28, patch_size=7),
         text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
-                                pad_token_id=3),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                                num_attention_heads=4, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE), vision_feature_layer=-2,
         vision_feature_select_strategy="default")
     config._attn_implementation = attn
     LlavaForConditionalGeneration(config).save_pretrained(out)

@@ -45,23 +45,25 @@ def aligner_channels(method: str, heads: int) -> int:
     return heads if method == "heads" else 1
 
 
-def aggregate_word(attention: torch.Tensor, method: str, row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """(layers, heads, rows, h, w) -> (maps, channels, h, w) for the Aligner.
+def aggregate(attention: torch.Tensor, mixing: torch.Tensor, method: str,
+              row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One sample's rows (layers, heads, rows, h, w) -> its words' Aligner inputs (words, maps, channels, h, w).
 
-    `maps` is the number of layers for `per-layer` (their Aligner outputs are averaged) and 1 otherwise.
-    `row_weights` are the flow weights r_t of the rows (needed only by the flow aggregations).
+    `mixing` (words, rows) averages each word's sub-word rows (1/n at its n rows). `maps` is the number of
+    layers for `per-layer` (their Aligner outputs are averaged) and 1 otherwise. `row_weights` (rows,) are
+    the flow weights r_t, needed only by the flow aggregations, which weight each row before averaging.
     """
+    mixing = mixing.to(attention)
     if method in FLOWS:
         if row_weights is None:
             raise ValueError(f"{method} needs the rows' weights r_t")
-        return attention_flow(attention, row_weights, method.removeprefix("flow-")).mean(dim=0)[None, None]
-    words = attention.mean(dim=2)  # a word's sub-word rows averaged: (layers, heads, h, w)
-    if method in POOLING:
-        return pool_layers_heads(words, method)[None, None]
-    if method == "learn":
-        return pool_layers_heads(words, "mean-mean")[None, None]
+        per_row = attention_flow(attention, row_weights, method.removeprefix("flow-"))
+        return torch.einsum("wr,r...->w...", mixing, per_row)[:, None, None]
+    words = torch.einsum("wr,lhr...->lhw...", mixing, attention)  # (layers, heads, words, h, w)
+    if method in POOLING or method == "learn":
+        return pool_layers_heads(words, "mean-mean" if method == "learn" else method)[:, None, None]
     if method == "per-layer":
-        return words.mean(dim=1)[:, None]
+        return words.mean(dim=1).movedim(0, 1)[:, :, None]
     if method == "heads":
-        return words.mean(dim=0)[None]
+        return words.mean(dim=0).movedim(0, 1)[:, None]
     raise ValueError(f"unknown aggregation {method!r}; choose one of {AGGREGATIONS}")

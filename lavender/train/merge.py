@@ -23,7 +23,8 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str = "") -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
-    AutoProcessor.from_pretrained(adapter if (adapter / "processor_config.json").exists() else base).save_pretrained(tmp)
+    has_processor = (adapter / "processor_config.json").exists()
+    AutoProcessor.from_pretrained(adapter if has_processor else base).save_pretrained(tmp)
     if (adapter / "aligner").is_dir():
         shutil.copytree(adapter / "aligner", tmp / "aligner")
     shutil.rmtree(out, ignore_errors=True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lavender.align.aggregate import aggregate_word, aligner_channels
+from lavender.align.aggregate import aggregate, aligner_channels
 from lavender.align.aligner import Aligner, AlignerConfig
 from lavender.train.data import IGNORE, Batch
 from lavender.utils.maps import min_max
@@ -34,7 +34,8 @@ class AttentionAlignment(nn.Module):
         self._adapter = [adapter]  # a list keeps the VLM out of this module's parameters
         self.layers, self.aggregation = layers, aggregation
         heads = adapter.num_heads(layers[0])
-        self.aligner = Aligner(AlignerConfig(**{**aligner.__dict__, "in_channels": aligner_channels(aggregation, heads)}))
+        channels = aligner_channels(aggregation, heads)
+        self.aligner = Aligner(AlignerConfig(**{**aligner.__dict__, "in_channels": channels}))
         self.learned = adapter.learned_projections(layers) if aggregation == "learn" else None
 
     @property
@@ -55,18 +56,26 @@ class AttentionAlignment(nn.Module):
             return self.aligner_zero(), 0
         r = self.aligner.cfg.resolution
         planes = [self.adapter.to_image(captured[layer], batch.inputs) for layer in self.layers]
-        inputs = []
-        for word, b in zip(batch.words, batch.word_sample.tolist()):
-            index = torch.tensor([self._rows[row] for row in word.rows])
-            attention = torch.stack([plane[b][:, index] for plane in planes])  # (layers, heads, rows, h, w)
-            maps = aggregate_word(attention.float(), self.aggregation, torch.tensor(word.weights))
-            inputs.append(F.interpolate(maps, size=(r, r), mode="bilinear", align_corners=False))
-        per_word = inputs[0].shape[0]
-        predicted = self.aligner(torch.cat(inputs)).view(len(batch.words), per_word, r, r)
+        owner = batch.word_sample.tolist()
+        inputs, order = [], []
+        for b in sorted(set(owner)):  # one pass per sample: its image plane may differ from the others'
+            words = [i for i, o in enumerate(owner) if o == b]
+            mixing = torch.zeros(len(words), len(self._rows))
+            weights = torch.zeros(len(self._rows))
+            for j, i in enumerate(words):
+                for row, weight in zip(batch.words[i].rows, batch.words[i].weights):
+                    mixing[j, self._rows[row]] = 1 / len(batch.words[i].rows)
+                    weights[self._rows[row]] = weight
+            attention = torch.stack([plane[b] for plane in planes]).float()  # (layers, heads, rows, h, w)
+            maps = aggregate(attention, mixing, self.aggregation, weights)  # (words, maps, channels, h, w)
+            inputs.append(F.interpolate(maps.flatten(0, 1), size=(r, r), mode="bilinear", align_corners=False))
+            order += words
+            per_word = maps.shape[1]
+        predicted = self.aligner(torch.cat(inputs)).view(len(order), per_word, r, r)
         predicted = predicted[:, 0] if per_word == 1 else min_max(predicted.mean(dim=1))
-        targets = torch.stack([w.target for w in batch.words]).to(predicted)
+        targets = torch.stack([batch.words[i].target for i in order]).to(predicted)
         errors = (predicted - targets).pow(2).flatten(1).mean(1)
-        return errors.sum(), len(batch.words)
+        return errors.sum(), len(order)
 
     def aligner_zero(self) -> torch.Tensor:
         """A zero that touches every Aligner parameter, so distributed gradient sync sees them all."""

@@ -149,6 +149,10 @@ class Trainer:
             raise ValueError("--aligner-pretrain-steps needs --targets and --lam > 0")
         self.cfg, self.out = cfg, Path(cfg.out)
         trackers = [t for t in cfg.report_to.split(",") if t and t != "none"]
+        from accelerate.state import AcceleratorState
+
+        # a second run in one process (a notebook, the tests) may change mixed precision; the process group stays
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, log_with=trackers or None,
             project_dir=str(self.out),
@@ -187,7 +191,8 @@ class Trainer:
         """Only what training changes is written, not the frozen base model."""
         for model in models:
             if self.accelerator.is_main_process:
-                save_file(_trainable_state(self.accelerator.unwrap_model(model)), str(Path(output_dir) / TRAINABLE_FILE))
+                state = _trainable_state(self.accelerator.unwrap_model(model))
+                save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
             if weights:
                 weights.pop()
 

@@ -195,3 +195,44 @@ def build_base_vlm(cfg: BaseVLMConfig) -> Path:
     processor.save_pretrained(out)
     (out / "lavender-base-vlm.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     return out
+
+
+@dataclass
+class PretrainConfig:
+    out: str = field(default="shapes-vlm-pretrain", metadata={"help": "work directory: world data, runs"})
+    model_out: str = field(default="", metadata={"help": "where the pretrained model is copied (default: out/model)"})
+    scenes: int = field(default=4000, metadata={"help": "training scenes generated for pretraining"})
+    world_seed: int = field(default=100, metadata={"help": "seed of the pretraining scenes"})
+    steps: int = field(default=3000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "samples per step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (cosine schedule)"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    seed: int = field(default=0, metadata={"help": "seed of the initial weights and the data order"})
+
+
+def pretrain_base_vlm(cfg: PretrainConfig) -> Path:
+    """Build the random base VLM and fully fine-tune it (vision side included) on the world's captions and
+    questions with the stage-2 trainer at lambda = 0. Resumable: rerun the same command to continue."""
+    import shutil
+
+    from lavender.train.config import TrainConfig
+    from lavender.train.trainer import train
+    from lavender.world.data import WorldDataConfig, write_world
+
+    root = Path(cfg.out)
+    world = root / "world"
+    if not (world / "train.json").exists():
+        write_world(WorldDataConfig(out=str(world), seed=cfg.world_seed, train=cfg.scenes, test=0, ood=0))
+    init = root / "init"
+    if not (init / "config.json").exists():
+        build_base_vlm(BaseVLMConfig(out=str(init), seed=cfg.seed))
+    final = train(TrainConfig(model=str(init), data=str(world / "train.json"), out=str(root / "run"), lam=0.0,
+                              lora=False, train_vision=True, train_projector=True, steps=cfg.steps,
+                              batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
+                              save_every=250, report_to="none", max_length=128))
+    target = Path(cfg.model_out) if cfg.model_out else root / "model"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(final, target)
+    (target / "lavender_train.json").unlink(missing_ok=True)
+    (target / "lavender-base-vlm.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    return target
