@@ -40,20 +40,20 @@ LAMBDA, RESOLUTION = 10.0, 32
 def build_llava(attn: str) -> LlavaForConditionalGeneration:
     torch.manual_seed(0)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        vision_config=CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                                        num_attention_heads=4, image_size=224, patch_size=14),
-        text_config=LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
-                                num_attention_heads=8, num_key_value_heads=2, bos_token_id=0, eos_token_id=1,
+        text_config=LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                                num_attention_heads=8, num_key_value_heads=4, bos_token_id=0, eos_token_id=1,
                                 pad_token_id=2),
-        image_token_index=511, vision_feature_layer=-2, vision_feature_select_strategy="default")
+        image_token_index=4095, vision_feature_layer=-2, vision_feature_select_strategy="default")
     config._attn_implementation = attn
     return LlavaForConditionalGeneration(config)
 
 
 def llava_batch(size: int = 2, text: int = 128) -> dict:
     torch.manual_seed(1)
-    ids = torch.randint(3, 500, (size, 1 + 256 + text))
-    ids[:, 1:257] = 511  # 16 x 16 patches
+    ids = torch.randint(3, 4000, (size, 1 + 256 + text))
+    ids[:, 1:257] = 4095  # 16 x 16 patches
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(size, 3, 224, 224))
 
 

@@ -45,6 +45,12 @@ def cmd_grounding(args: argparse.Namespace) -> None:
     print(text)
 
 
+def cmd_attention(args: argparse.Namespace) -> None:
+    from lavender.eval.attention import AttentionMapsConfig, write_attention_store
+
+    print(f"VLM attention store: {write_attention_store(config_from_args(AttentionMapsConfig, args))}")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from lavender.data.authors_layout import export_authors_layout
     from lavender.data.samples import read_samples
@@ -93,11 +99,12 @@ def cmd_world_vlm(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from lavender.world.demo import run_demo
 
-    run_demo(Path(args.out), args.scenes)
+    run_demo(Path(args.out), args.scenes, args.train_scenes, args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from lavender.diffusion.extract import ExtractConfig
+    from lavender.eval.attention import AttentionMapsConfig
     from lavender.train.config import TrainConfig
     from lavender.world.base_vlm import PretrainConfig
     from lavender.world.data import WorldDataConfig
@@ -145,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="also write the report as JSON here")
     p.set_defaults(func=cmd_grounding)
 
+    p = ev.add_parser("attention", help="a VLM's own per-word attention maps, written as a targets store",
+                      description="Score the result with `lavender eval grounding` like a stage-1 store.")
+    add_dataclass_args(p, AttentionMapsConfig)
+    p.set_defaults(func=cmd_attention)
+
     tg = sub.add_parser("targets", help="convert targets stores").add_subparsers(dest="targets", required=True,
                                                                                 metavar="WHAT")
     p = tg.add_parser("export", help="write a store in the authors' per-word JPEG layout")
@@ -171,9 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, PretrainConfig)
     p.set_defaults(func=cmd_world_vlm)
 
-    p = sub.add_parser("demo", help="the main job on the shapes world: data, stage 1, grounding, overlays")
+    p = sub.add_parser("demo", help="the main job on the shapes world: data, stage 1, stage 2, grounding, overlays")
     p.add_argument("--out", default="demo-output", help="output directory")
-    p.add_argument("--scenes", type=int, default=200, help="held-out scenes to extract")
+    p.add_argument("--scenes", type=int, default=200, help="held-out test scenes (and half as many OOD)")
+    p.add_argument("--train-scenes", type=int, default=300, help="training scenes for stage 2")
+    p.add_argument("--steps", type=int, default=150, help="stage-2 training steps")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -6,7 +6,7 @@ import json
 
 from diffusers import StableDiffusionPipeline
 
-from lavender.world.demo import run_demo, shipped_teacher
+from lavender.world.demo import run_demo, shipped_teacher, shipped_vlm
 
 
 def test_shipped_teacher_loads_as_stable_diffusion_pipeline():
@@ -20,14 +20,28 @@ def test_shipped_teacher_loads_as_stable_diffusion_pipeline():
         assert len(pipe.tokenizer.tokenize(word)) == 1
 
 
-def test_demo_grounds_colour_and_shape_words(tmp_path, capsys):
-    report = run_demo(tmp_path / "demo", scenes=24)
+def test_shipped_base_vlm_loads_with_its_processor():
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(shipped_vlm())
+    processor = AutoProcessor.from_pretrained(shipped_vlm())
+    assert model.config.model_type == "mllama" and processor.chat_template
+    assert sum(p.numel() for p in model.parameters()) < 5_000_000
+
+
+def test_demo_runs_both_stages_and_scores_them(tmp_path, capsys):
+    results = run_demo(tmp_path / "demo", scenes=24, train_scenes=24, steps=6)
     printed = capsys.readouterr().out
-    assert "grounding" in printed and str(tmp_path / "demo" / "overlays") in printed
-    assert json.loads((tmp_path / "demo" / "grounding.json").read_text()) == report
+    assert "Grounding" in printed and str(tmp_path / "demo" / "overlays") in printed
+    assert json.loads((tmp_path / "demo" / "grounding.json").read_text()) == results
     assert len(list((tmp_path / "demo" / "overlays").glob("*.png"))) == 6
+    teacher = results["teacher"]
     for split in ("test", "ood"):
         for kind in ("colour", "shape"):
-            chance = report[split]["chance_pointing"][kind]
+            chance = teacher[split]["chance_pointing"][kind]
             # far above chance (about 0.07); the documented figures on 1,000 scenes are higher
-            assert report[split][kind]["pointing"] > max(0.6, 5 * chance), (split, kind, report[split])
+            assert teacher[split][kind]["pointing"] > max(0.6, 5 * chance), (split, kind, teacher[split])
+    for name in ("vlm_before", "vlm_after", "aligner_after"):
+        for split in ("test", "ood"):
+            assert 0 <= results[name][split]["all"]["pointing"] <= 1 and results[name][split]["all"]["n"] > 0
+    assert all(v > 0 for v in results["stage2"]["L_att"] + results["stage2"]["L_VLM"])

@@ -50,8 +50,9 @@ def _family_model(family: str, root, llava_dir):
 @pytest.mark.parametrize("family", ["llava", "mllama", "qwen2_vl"])
 def test_attention_loss_falls(family, llava_dir, tiny_world, oracle, tmp_path):
     model = _family_model(family, tmp_path, llava_dir)
-    train(_cfg(model, tiny_world, oracle, tmp_path / "run", steps=30, schedule="constant"))
+    train(_cfg(model, tiny_world, oracle, tmp_path / "run", steps=30, schedule="constant", report_to="tensorboard"))
     rows = metrics(tmp_path / "run")
+    assert list((tmp_path / "run" / "lavender").glob("events.out.tfevents.*"))  # the TensorBoard log
     att = [r["L_att"] for r in rows]
     assert len(rows) == 30 and all(r["matched_words"] > 0 for r in rows)
     assert sum(att[-5:]) / 5 < 0.7 * sum(att[:5]) / 5, att

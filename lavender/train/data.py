@@ -43,6 +43,7 @@ class AlignedWord:
 @dataclass
 class Encoded:
     inputs: dict[str, torch.Tensor]  # model inputs, batch dimension 1, labels included
+    sample_id: str = ""
     words: list[AlignedWord] = field(default_factory=list)
     events: Counter = field(default_factory=Counter)  # what went wrong or was adjusted, for the logs
 
@@ -167,7 +168,7 @@ class StageTwoDataset(Dataset):
             if not _truncate(inputs, self.max_length, self.image_token_id):
                 log.warning("skipping sample %s: --max-length %d would cut its image", sample.id, self.max_length)
                 events["samples too long for their image"] += 1
-                return Encoded({}, events=events)
+                return Encoded({}, sample.id, events=events)
         ids = inputs["input_ids"][0]
         offsets = unexpanded_offsets(ids, inputs.pop("offset_mapping")[0], self.image_token_id,
                                      self.placeholder_chars)
@@ -179,7 +180,7 @@ class StageTwoDataset(Dataset):
             labels[inside] = ids[inside]
         inputs["labels"] = labels[None]
         words = self._align(sample, text, offsets, real, events) if self.targets is not None else []
-        return Encoded(inputs, words, events)
+        return Encoded(inputs, sample.id, words, events)
 
     def _align(self, sample: Sample, text: str, offsets: torch.Tensor, real: torch.Tensor,
                events: Counter) -> list[AlignedWord]:
@@ -211,11 +212,12 @@ class Batch:
     words: list[AlignedWord]
     word_sample: torch.Tensor  # (N,) sample index of each word
     events: Counter
+    sample_ids: list[str] = field(default_factory=list)
 
     def to(self, device: torch.device | str, **kwargs) -> Batch:
         inputs = {k: v.to(device, **kwargs) for k, v in self.inputs.items()}
         words = [AlignedWord(w.word, w.rows, w.weights, w.target.to(device, **kwargs)) for w in self.words]
-        return Batch(inputs, words, self.word_sample, self.events)
+        return Batch(inputs, words, self.word_sample, self.events, self.sample_ids)
 
     @property
     def label_tokens(self) -> int:
@@ -241,4 +243,4 @@ class Collator:
         words = [w for e in encoded for w in e.words]
         sample = torch.tensor([b for b, e in enumerate(encoded) for _ in e.words], dtype=torch.long)
         events = sum((e.events for e in encoded), Counter())
-        return Batch(inputs, words, sample, events)
+        return Batch(inputs, words, sample, events, [e.sample_id for e in encoded])

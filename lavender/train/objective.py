@@ -50,10 +50,9 @@ class AttentionAlignment(nn.Module):
         self._rows = {r: i for i, r in enumerate(rows)}
         return self.adapter.capture(self.layers, torch.tensor(rows), self.learned)
 
-    def error_sum(self, captured: dict[int, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, int]:
-        """Summed per-word MSE between Aligner outputs and targets, and the number of words."""
-        if not batch.words:
-            return self.aligner_zero(), 0
+    def word_maps(self, captured: dict[int, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, list[int]]:
+        """Aggregated attention of every word, resized to the targets' resolution: (words, maps, channels, R, R),
+        and the batch index of each word in that order (words are grouped by sample)."""
         r = self.aligner.cfg.resolution
         planes = [self.adapter.to_image(captured[layer], batch.inputs) for layer in self.layers]
         owner = batch.word_sample.tolist()
@@ -68,11 +67,23 @@ class AttentionAlignment(nn.Module):
                     weights[self._rows[row]] = weight
             attention = torch.stack([plane[b] for plane in planes]).float()  # (layers, heads, rows, h, w)
             maps = aggregate(attention, mixing, self.aggregation, weights)  # (words, maps, channels, h, w)
-            inputs.append(F.interpolate(maps.flatten(0, 1), size=(r, r), mode="bilinear", align_corners=False))
+            resized = F.interpolate(maps.flatten(0, 1), size=(r, r), mode="bilinear", align_corners=False)
+            inputs.append(resized.view(*maps.shape[:3], r, r))
             order += words
-            per_word = maps.shape[1]
-        predicted = self.aligner(torch.cat(inputs)).view(len(order), per_word, r, r)
-        predicted = predicted[:, 0] if per_word == 1 else min_max(predicted.mean(dim=1))
+        return torch.cat(inputs), order
+
+    def predict(self, maps: torch.Tensor) -> torch.Tensor:
+        """(words, maps, channels, R, R) -> the Aligner's (words, R, R), averaged over maps if several."""
+        n, per_word, channels, r, _ = maps.shape
+        predicted = self.aligner(maps.view(n * per_word, channels, r, r)).view(n, per_word, r, r)
+        return predicted[:, 0] if per_word == 1 else min_max(predicted.mean(dim=1))
+
+    def error_sum(self, captured: dict[int, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, int]:
+        """Summed per-word MSE between Aligner outputs and targets, and the number of words."""
+        if not batch.words:
+            return self.aligner_zero(), 0
+        maps, order = self.word_maps(captured, batch)
+        predicted = self.predict(maps)
         targets = torch.stack([batch.words[i].target for i in order]).to(predicted)
         errors = (predicted - targets).pow(2).flatten(1).mean(1)
         return errors.sum(), len(order)

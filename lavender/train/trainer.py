@@ -188,16 +188,21 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def _save_trainable(self, models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
-        """Only what training changes is written, not the frozen base model."""
+        """Only what training changes is written, not the frozen base model. (FSDP and DeepSpeed save their
+        shards themselves and hand no weights here.)"""
+        if not weights:
+            return
         for model in models:
             if self.accelerator.is_main_process:
                 state = _trainable_state(self.accelerator.unwrap_model(model))
                 save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
-            if weights:
-                weights.pop()
+            weights.pop()
 
     def _load_trainable(self, models: list[nn.Module], input_dir: str) -> None:
-        state = load_file(str(Path(input_dir) / TRAINABLE_FILE))
+        path = Path(input_dir) / TRAINABLE_FILE
+        if not path.exists():
+            return
+        state = load_file(str(path))
         while models:
             missing = self.accelerator.unwrap_model(models.pop()).load_state_dict(state, strict=False)
             if missing.unexpected_keys:
@@ -285,10 +290,10 @@ class Trainer:
         return self.accelerator.unwrap_model(self.objective).alignment
 
     def _log(self, metrics: dict, micro: list[Batch]) -> None:
-        for batch in micro:
-            self.progress.events.update(batch.events)
-        counts = self._global([float(self.progress.events[k]) for k in EVENTS])
-        metrics |= {f"count/{k.replace(' ', '_')}": int(v) for k, v in zip(EVENTS, counts) if v}
+        step_events = sum((b.events for b in micro), Counter())
+        counts = self._global([float(step_events[k]) for k in EVENTS])  # every process keeps the global totals
+        self.progress.events.update({k: int(v) for k, v in zip(EVENTS, counts) if v})
+        metrics |= {f"count/{k.replace(' ', '_')}": self.progress.events[k] for k in EVENTS if self.progress.events[k]}
         step = self.progress.step
         if step % self.cfg.log_every == 0 or step == self.cfg.steps:
             self.accelerator.log(metrics, step=step)
@@ -324,7 +329,7 @@ class Trainer:
             final = save_final(acc.unwrap_model(self.objective), self.processor, self.out, cfg)
             skipped = {k: v for k, v in self.progress.events.items() if v}
             if skipped:
-                log.warning("skipped or adjusted on the main process: %s", skipped)
+                log.warning("skipped or adjusted during training: %s", skipped)
         acc.wait_for_everyone()
         acc.end_training()
         return final

@@ -1,4 +1,5 @@
-"""The main job on the embedded default: shapes world -> stage 1 with the shipped teacher -> figures."""
+"""The main job on the embedded default: shapes world -> stage 1 (shipped teacher) -> stage 2 (shipped base VLM),
+with the grounding of every map along the way."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from pathlib import Path
 from lavender.data.samples import read_samples
 from lavender.data.targets import AttentionTargets
 from lavender.diffusion.extract import ExtractConfig, run_extract
+from lavender.eval.attention import AttentionMapsConfig, write_attention_store
 from lavender.eval.grounding import chance_pointing, store_grounding
 from lavender.eval.viz import write_overlays
+from lavender.train.config import TrainConfig
+from lavender.train.trainer import train
 from lavender.world.data import WorldDataConfig, read_masks, write_world
 from lavender.world.scenes import word_type
 
@@ -44,25 +48,68 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, scenes: int = 200) -> dict:
+def shipped_vlm() -> Path:
+    """Directory of the shapes world's base VLM (Mllama layout) that ships with the package."""
+    path = Path(str(resources.files("lavender.world") / "pretrained" / "shapes-vlm"))
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"the shipped shapes base VLM is missing at {path}")
+    return path
+
+
+def vlm_grounding(out: Path, world: Path, stores: dict[str, Path], adapter: Path | None, aligner: bool,
+                  name: str) -> dict:
+    """Grounding of the VLM's own per-word attention (raw, or through the Aligner) on each split."""
+    report = {}
+    for split, store in stores.items():
+        maps = write_attention_store(AttentionMapsConfig(
+            model=str(shipped_vlm()), adapter=str(adapter or ""), aligner=aligner, data=str(world / f"{split}.json"),
+            targets=str(store), out=str(out / f"vlm-{name}-{split}"), batch_size=16))
+        report[split] = evaluate_split(maps, world / f"masks-{split}.safetensors")
+    return report
+
+
+def run_demo(out: Path, scenes: int = 200, train_scenes: int = 300, steps: int = 150) -> dict:
+    """Stage 1 with the shipped teacher, then stage 2 on the shipped base VLM, each scored by grounding."""
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    world = write_world(WorldDataConfig(out=str(out / "world"), train=0, test=scenes, ood=max(1, scenes // 2)))
+    world = write_world(WorldDataConfig(out=str(out / "world"), train=train_scenes, test=scenes,
+                                        ood=max(1, scenes // 2)))
     teacher = shipped_teacher()
-    report, overlays = {}, []
-    for split in ("test", "ood"):
-        store = run_extract(ExtractConfig(diffusion=str(teacher), data=str(world / f"{split}.json"),
-                                          out=str(out / f"targets-{split}"), batch_size=16))
+    stores, report, overlays = {}, {}, []
+    for split in ("train", "test", "ood"):
+        stores[split] = run_extract(ExtractConfig(diffusion=str(teacher), data=str(world / f"{split}.json"),
+                                                  out=str(out / f"targets-{split}"), batch_size=16))
+    held_out = {split: stores[split] for split in ("test", "ood")}
+    for split, store in held_out.items():
         report[split] = evaluate_split(store, world / f"masks-{split}.safetensors")
-        if split == "test":
-            overlays = write_overlays(read_samples(world / f"{split}.json"), AttentionTargets(store),
-                                      out / "overlays", count=6)
-    (out / "grounding.json").write_text(json.dumps(report, indent=2) + "\n")
+    overlays = write_overlays(read_samples(world / "test.json"), AttentionTargets(stores["test"]),
+                              out / "overlays", count=6)
     print("\nGrounding of the shipped teacher's stage-1 maps (pointing: argmax inside the word's mask)")
     print(format_report(report))
+
+    results = {"teacher": report, "vlm_before": vlm_grounding(out, world, held_out, None, False, "before")}
+    final = train(TrainConfig(model=str(shipped_vlm()), data=str(world / "train.json"), targets=str(stores["train"]),
+                              out=str(out / "stage2"), steps=steps, batch_size=8, lr=1e-3, aligner_lr=3e-3,
+                              report_to="none"))
+    results["vlm_after"] = vlm_grounding(out, world, held_out, final, False, "after")
+    results["aligner_after"] = vlm_grounding(out, world, held_out, final, True, "aligner")
+    metrics = [json.loads(line) for line in (out / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    first, last = metrics[: len(metrics) // 10 or 1], metrics[-(len(metrics) // 10 or 1):]
+    results["stage2"] = {k: [sum(r[k] for r in part) / len(part) for part in (first, last)]
+                         for k in ("L_VLM", "L_att")}
+    (out / "grounding.json").write_text(json.dumps(results, indent=2) + "\n")
+    for name, title in (("vlm_before", "the base VLM's own attention, before stage 2"),
+                        ("vlm_after", f"the VLM's own attention after {steps} Lavender steps (LoRA)"),
+                        ("aligner_after", "the same VLM's attention through the trained Aligner")):
+        print(f"\nGrounding of {title}")
+        print(format_report(results[name]))
+    s2 = results["stage2"]
+    print(f"\nstage 2: L_VLM {s2['L_VLM'][0]:.3f} -> {s2['L_VLM'][1]:.3f}, L_att {s2['L_att'][0]:.4f} -> "
+          f"{s2['L_att'][1]:.4f} (first and last tenth of the steps)")
     print(f"\nworld data:      {world}")
-    print(f"targets stores:  {out / 'targets-test'}, {out / 'targets-ood'}")
+    print(f"targets stores:  {', '.join(str(p) for p in stores.values())}")
+    print(f"fine-tuned VLM:  {final}")
     print(f"grounding:       {out / 'grounding.json'}")
     print(f"overlays:        {out / 'overlays'} ({len(overlays)} PNGs)")
     print(f"done in {time.time() - start:.0f}s")
-    return report
+    return results

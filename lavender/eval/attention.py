@@ -1,0 +1,108 @@
+"""A VLM's own per-word attention maps, written as a targets store so the stage-1 tools can read them.
+
+For each sample, the words stage 2 would align (the words of the store's text that have a map there) get
+the VLM's aggregated attention — raw (min-max normalised) or through a trained Aligner. The result is a
+store like stage 1's, so `lavender eval grounding` scores it against word masks the same way, and the
+grounding of a VLM before and after Lavender is comparable with the teacher's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lavender.align.aligner import AlignerConfig
+from lavender.data.targets import TargetsWriter, write_index, write_store_info
+from lavender.train.data import Collator, StageTwoDataset
+from lavender.train.objective import AttentionAlignment
+from lavender.utils.maps import min_max
+from lavender.vlm.base import adapter_for
+
+
+@dataclass
+class AttentionMapsConfig:
+    model: str = field(default="", metadata={"help": "base VLM hub name or directory"})
+    adapter: str = field(default="", metadata={"help": "a `lavender train` output (`<out>/final`): peft adapter "
+                                                      "or full model, with its Aligner"})
+    data: str = field(default="", metadata={"help": "the samples (any format `lavender train` reads)"})
+    targets: str = field(default="", metadata={"help": "a targets store naming the words (and text) per sample"})
+    out: str = field(default="", metadata={"help": "the new store of the VLM's maps"})
+    aligner: bool = field(default=False, metadata={"help": "maps through the trained Aligner instead of raw"})
+    aggregation: str = field(default="mean-mean", metadata={"help": "raw maps: aggregation over layers/heads"})
+    layers: tuple[int, ...] = field(default=(), metadata={"help": "layers (default: all alignable)"})
+    batch_size: int = field(default=8, metadata={"help": "samples per forward"})
+    limit: int = field(default=0, metadata={"help": "at most this many samples (0: all)"})
+    image_root: str = field(default="", metadata={"help": "directory image paths are relative to"})
+    instruction: str = field(default="Describe the image.", metadata={"help": "user turn of caption samples"})
+
+
+def _load(cfg: AttentionMapsConfig):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    adapter = Path(cfg.adapter) if cfg.adapter else None
+    if adapter is not None and not (adapter / "adapter_config.json").exists():
+        return AutoModelForImageTextToText.from_pretrained(adapter), AutoProcessor.from_pretrained(adapter)
+    model = AutoModelForImageTextToText.from_pretrained(cfg.model)
+    processor = AutoProcessor.from_pretrained(cfg.model)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return model, processor
+
+
+def _alignment(model, cfg: AttentionMapsConfig, resolution: int) -> AttentionAlignment:
+    import json
+
+    adapter = adapter_for(model)
+    aligner_dir = Path(cfg.adapter) / "aligner" if cfg.adapter else None
+    if cfg.aligner:
+        if aligner_dir is None or not (aligner_dir / "config.json").exists():
+            raise FileNotFoundError("--aligner needs an --adapter directory holding aligner/ from `lavender train`")
+        saved = json.loads((aligner_dir / "config.json").read_text())
+        alignment = AttentionAlignment(adapter, saved["layers"], saved["aggregation"],
+                                       AlignerConfig(**saved["aligner"]))
+        alignment.load_state_dict(load_file(str(aligner_dir / "model.safetensors")))
+        return alignment
+    layers = list(cfg.layers) or adapter.alignable_layers()
+    return AttentionAlignment(adapter, layers, cfg.aggregation, AlignerConfig(resolution=resolution))
+
+
+@torch.no_grad()
+def write_attention_store(cfg: AttentionMapsConfig) -> Path:
+    """Run the VLM over the samples and store one map per aligned word (repeated words averaged)."""
+    if not (cfg.data and cfg.targets and cfg.out and (cfg.model or cfg.adapter)):
+        raise ValueError("--model (or --adapter), --data, --targets and --out are required")
+    model, processor = _load(cfg)
+    model.eval()
+    adapter = adapter_for(model)
+    data = StageTwoDataset.from_paths(cfg.data, processor, adapter.image_token_id, cfg.targets, cfg.image_root,
+                                      cfg.limit, instruction=cfg.instruction, max_length=4096)
+    alignment = _alignment(model, cfg, data.targets.resolution).eval()
+    tokenizer = getattr(processor, "tokenizer", processor)
+    loader = DataLoader(data, batch_size=cfg.batch_size, collate_fn=Collator(tokenizer.pad_token_id))
+    writer = TargetsWriter(cfg.out, prefix="vlm")
+    for batch in tqdm(loader, desc="VLM attention", unit="batch"):
+        inputs = {k: v for k, v in batch.inputs.items() if k != "labels"}
+        with alignment.capture(batch) as captured:
+            model(**inputs)
+        per_sample: dict[int, dict[str, list[torch.Tensor]]] = {b: {} for b in range(len(batch.sample_ids))}
+        if batch.words:
+            maps, order = alignment.word_maps(captured, batch)
+            pictures = alignment.predict(maps) if cfg.aligner else min_max(maps.mean(dim=(1, 2)))
+            for picture, i in zip(pictures, order):
+                b = int(batch.word_sample[i])
+                per_sample[b].setdefault(batch.words[i].word, []).append(picture)
+        for b, words in per_sample.items():
+            writer.add(batch.sample_ids[b], {w: torch.stack(m).mean(0) for w, m in words.items()})
+    writer.flush()
+    settings = {"resolution": data.targets.resolution, "text": data.text_source, "aligner": cfg.aligner,
+                "aggregation": alignment.aggregation, "layers": alignment.layers}
+    write_store_info(cfg.out, settings, cfg.adapter or cfg.model)
+    write_index(cfg.out)
+    return Path(cfg.out)
