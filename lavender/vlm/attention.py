@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -91,3 +92,61 @@ class LearnedProjections(nn.Module):
         self.k = nn.ModuleDict({str(i): copy.deepcopy(m.k_proj) for i, m in attention_modules.items()})
         for p in self.parameters():
             p.requires_grad_(True)
+
+
+def self_attention_projections(model, layers: list[int]) -> LearnedProjections:
+    """Parallel W_Qd, W_Kd (biases included) of the given decoder layers' self-attention (`learn` aggregation)."""
+    decoder = text_decoder_layers(model)
+    return LearnedProjections({i: decoder[i].self_attn for i in layers})
+
+
+def rotary_function(attention: torch.nn.Module):
+    """The rotary application function of the attention module's own modeling module."""
+    return sys.modules[type(attention).__module__].apply_rotary_pos_emb
+
+
+@contextmanager
+def capture_self_attention_rows(
+    model, layers: list[int], rows: torch.Tensor | None = None, learned: LearnedProjections | None = None
+):
+    """Record causal self-attention rows of the given decoder layers during one forward pass (no cache).
+
+    For self-attention VLMs whose image tokens sit in the text sequence (LLaVA, Qwen2-VL). Hooks take the
+    layer's q_proj/k_proj outputs (or `learned`'s copies applied to the layer's input), apply the per-token
+    rotary cos/sin the layer was given (M-RoPE included) with its modeling module's own function, and compute
+    `softmax(q k^T * scaling)` for query positions `rows` (all if None) under the causal mask and the
+    layer's own padding mask, repeating key heads for GQA. The layer keeps its own kernel. Yields
+    `layer index -> (B, heads, len(rows), S)` with the autograd graph kept.
+    """
+    decoder = text_decoder_layers(model)
+    captured: dict[int, torch.Tensor] = {}
+
+    def compute(module, index: int, seen: dict) -> None:
+        q, k, kwargs = seen["q"], seen["k"], seen["kwargs"]
+        if learned is not None:
+            hidden, name = kwargs["hidden_states"], str(layers[index])
+            q, k = learned.q[name](hidden), learned.k[name](hidden)
+        cos, sin = kwargs["position_embeddings"]
+        if cos.dim() != 3:
+            raise ValueError(f"expected per-token cos/sin of shape (B, S, head_dim), got {tuple(cos.shape)}")
+        b, s, _ = q.shape
+        q = q.view(b, s, -1, module.head_dim).transpose(1, 2)  # (B, H, S, D)
+        k = k.view(b, s, -1, module.head_dim).transpose(1, 2)  # (B, KVH, S, D)
+        q, k = rotary_function(module)(q, k, cos, sin)
+        query_pos = torch.arange(s, device=q.device) if rows is None else rows.to(q.device)
+        allowed = (torch.arange(s, device=q.device)[None, :] <= query_pos[:, None])[None, None]  # causal
+        mask = kwargs.get("attention_mask")
+        if mask is not None:  # the layer's own mask: boolean (sdpa) or additive (eager), (B, 1, S, S)
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+                raise ValueError("capture supports the 4-D masks of the eager and sdpa attention kernels")
+            rows_mask = mask[:, :, query_pos, :s]
+            if rows_mask.dtype != torch.bool:
+                rows_mask = rows_mask > torch.finfo(rows_mask.dtype).min / 2
+            allowed = allowed & rows_mask
+        captured[layers[index]] = attention_rows(
+            q[:, :, query_pos], k, module.scaling, module.num_key_value_groups, allowed
+        )
+
+    targets = [(decoder[i].self_attn, decoder[i].self_attn.q_proj, decoder[i].self_attn.k_proj) for i in layers]
+    with row_capture_hooks(targets, compute):
+        yield captured

@@ -22,12 +22,9 @@ rotate-half function of its modeling module; the capture reuses that very functi
 
 from __future__ import annotations
 
-import sys
-from contextlib import contextmanager
-
 import torch
 
-from lavender.vlm.attention import LearnedProjections, attention_rows, row_capture_hooks, text_decoder_layers
+from lavender.vlm.attention import capture_self_attention_rows, self_attention_projections
 from lavender.vlm.base import VLMAdapter, register_adapter
 
 
@@ -65,63 +62,6 @@ def keys_to_plane(values: torch.Tensor, positions: torch.Tensor, rows: int, cols
     return values[..., positions].reshape(*values.shape[:-1], rows, cols)
 
 
-def learned_projections(model, layers: list[int]) -> LearnedProjections:
-    """Parallel W_Qd, W_Kd (biases included) for the given decoder layers (the `learn` aggregation)."""
-    decoder = text_decoder_layers(model)
-    return LearnedProjections({i: decoder[i].self_attn for i in layers})
-
-
-def rotary_function(attention: torch.nn.Module):
-    """The rotary application function of the attention module's own modeling module."""
-    return sys.modules[type(attention).__module__].apply_rotary_pos_emb
-
-
-@contextmanager
-def capture_self_attention_rows(
-    model, layers: list[int], rows: torch.Tensor | None = None, learned: LearnedProjections | None = None
-):
-    """Record causal self-attention rows of the given decoder layers during one forward pass (no cache).
-
-    Hooks take the layer's q_proj/k_proj outputs (or `learned`'s copies applied to the layer's input), apply
-    the M-RoPE cos/sin the layer was given with the model's own rotary function, and compute
-    `softmax(q k^T * scaling)` for query positions `rows` (all if None) under the causal mask and the
-    layer's own padding mask, repeating key heads for GQA. The layer keeps its own kernel. Yields
-    `layer index -> (B, heads, len(rows), S)` with the autograd graph kept.
-    """
-    decoder = text_decoder_layers(model)
-    captured: dict[int, torch.Tensor] = {}
-
-    def compute(module, index: int, seen: dict) -> None:
-        q, k, kwargs = seen["q"], seen["k"], seen["kwargs"]
-        if learned is not None:
-            hidden, name = kwargs["hidden_states"], str(layers[index])
-            q, k = learned.q[name](hidden), learned.k[name](hidden)
-        cos, sin = kwargs["position_embeddings"]
-        if cos.dim() != 3:
-            raise ValueError(f"expected per-token cos/sin of shape (B, S, head_dim), got {tuple(cos.shape)}")
-        b, s, _ = q.shape
-        q = q.view(b, s, -1, module.head_dim).transpose(1, 2)  # (B, H, S, D)
-        k = k.view(b, s, -1, module.head_dim).transpose(1, 2)  # (B, KVH, S, D)
-        q, k = rotary_function(module)(q, k, cos, sin)
-        query_pos = torch.arange(s, device=q.device) if rows is None else rows.to(q.device)
-        allowed = (torch.arange(s, device=q.device)[None, :] <= query_pos[:, None])[None, None]  # causal
-        mask = kwargs.get("attention_mask")
-        if mask is not None:  # the layer's own mask: boolean (sdpa) or additive (eager), (B, 1, S, S)
-            if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-                raise ValueError("capture supports the 4-D masks of the eager and sdpa attention kernels")
-            rows_mask = mask[:, :, query_pos, :s]
-            if rows_mask.dtype != torch.bool:
-                rows_mask = rows_mask > torch.finfo(rows_mask.dtype).min / 2
-            allowed = allowed & rows_mask
-        captured[layers[index]] = attention_rows(
-            q[:, :, query_pos], k, module.scaling, module.num_key_value_groups, allowed
-        )
-
-    targets = [(decoder[i].self_attn, decoder[i].self_attn.q_proj, decoder[i].self_attn.k_proj) for i in layers]
-    with row_capture_hooks(targets, compute):
-        yield captured
-
-
 @register_adapter
 class Qwen2VLAdapter(VLMAdapter):
     family = "qwen2_vl"
@@ -134,9 +74,20 @@ class Qwen2VLAdapter(VLMAdapter):
         return capture_self_attention_rows(self.model, layers, rows, learned)
 
     def learned_projections(self, layers):
-        return learned_projections(self.model, layers)
+        return self_attention_projections(self.model, layers)
 
     def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
         planes = image_planes(batch, self.model.config.vision_config.spatial_merge_size)
         positions = image_key_positions(batch["input_ids"], self.image_token_id)
         return [keys_to_plane(probs[b], positions[b], *planes[b]) for b in range(probs.shape[0])]
+
+
+learned_projections = self_attention_projections
+__all__ = [
+    "Qwen2VLAdapter",
+    "capture_self_attention_rows",
+    "image_key_positions",
+    "image_planes",
+    "keys_to_plane",
+    "learned_projections",
+]
