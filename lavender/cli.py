@@ -90,6 +90,12 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged model: {merge_adapter(args.adapter, args.out, args.base)}")
 
 
+def cmd_world_oracle(args: argparse.Namespace) -> None:
+    from lavender.world.oracle import write_oracle_store
+
+    print(f"oracle store: {write_oracle_store(args.masks, args.out, args.resolution, args.text)}")
+
+
 def cmd_world_vlm(args: argparse.Namespace) -> None:
     from lavender.world.base_vlm import PretrainConfig, pretrain_base_vlm
 
@@ -171,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusion-model", default="unknown", help="model the maps came from, for the record")
     p.set_defaults(func=cmd_import)
 
-    wd = sub.add_parser("world", help="the shapes world: data, teacher, base VLM").add_subparsers(dest="world",
+    wd = sub.add_parser("world", help="the shapes world: data, teacher, base VLM, oracle").add_subparsers(dest="world",
                                                                                        required=True, metavar="WHAT")
     p = wd.add_parser("data", help="generate shapes-world scenes in LLaVA format with word masks")
     add_dataclass_args(p, WorldDataConfig)
@@ -179,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = wd.add_parser("teacher", help="train the shapes text-to-image teacher (resumable)")
     add_dataclass_args(p, TeacherConfig)
     p.set_defaults(func=cmd_world_teacher)
+    p = wd.add_parser("oracle", help="a targets store of the true word masks (blurred), for controls")
+    p.add_argument("--masks", required=True, help="a split's masks side file (masks-<split>.safetensors)")
+    p.add_argument("--out", required=True, help="new targets store directory")
+    p.add_argument("--resolution", type=int, default=16, help="side of the stored maps")
+    p.add_argument("--text", default="caption", help="the text the words come from, as stage 1 records it")
+    p.set_defaults(func=cmd_world_oracle)
     p = wd.add_parser("vlm", help="pretrain the shapes world's base VLM (Mllama layout; resumable)")
     add_dataclass_args(p, PretrainConfig)
     p.set_defaults(func=cmd_world_vlm)

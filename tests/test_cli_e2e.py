@@ -58,3 +58,28 @@ def test_bad_invocations_fail_clearly(tiny_sd, tmp_path, caplog):
     assert main(["extract", "--config", str(bad)]) == 2
     assert "unknown ExtractConfig options" in caplog.text
     assert main(["extract", "--diffusion", tiny_sd, "--data", "x.json", "--out", "o", "--text", "poem"]) == 2
+
+
+def test_train_eval_and_merge_commands_on_the_shipped_base_vlm(tiny_sd, tiny_world, tmp_path):
+    from lavender.world.demo import shipped_vlm
+
+    store = tmp_path / "store"
+    assert main(["extract", "--diffusion", tiny_sd, "--data", str(tiny_world / "train.json"), "--out", str(store),
+                 "--device", "cpu", "--inversion-steps", "2", "--denoise-steps", "2", "--resolution", "8"]) == 0
+    run = tmp_path / "run"
+    config = tmp_path / "stage2.yaml"
+    config.write_text("steps: 3\nbatch_size: 4\nreport_to: none\naggregation: learn\n")
+    assert main(["train", "--config", str(config), "--model", str(shipped_vlm()), "--targets", str(store),
+                 "--data", str(tiny_world), "--out", str(run)]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["matched_words"] > 0 for r in rows)
+    assert (run / "final" / "adapter_config.json").exists() and (run / "final" / "aligner").is_dir()
+
+    maps = tmp_path / "maps"
+    assert main(["eval", "attention", "--adapter", str(run / "final"), "--model", str(shipped_vlm()),
+                 "--aligner", "--data", str(tiny_world), "--targets", str(store), "--out", str(maps)]) == 0
+    assert len(AttentionTargets(maps)) == 12 and AttentionTargets(maps).settings["aggregation"] == "learn"
+    assert main(["merge", "--adapter", str(run / "final"), "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+    assert main(["train", "--model", str(shipped_vlm()), "--data", str(tiny_world), "--out", str(run),
+                 "--aggregation", "nonsense"]) == 2  # a clear error, not a traceback

@@ -18,7 +18,7 @@ from lavender.world.oracle import write_oracle_store
 def test_flow_weights_rows_by_their_place_among_text_tokens():
     attention = torch.rand(3, 2, 2, 4, 4)  # layers, heads, rows, h, w
     weights = torch.tensor([0.25, 1.0])
-    heads = attention.mean(dim=1)
+    heads = attention.mean(dim=1) * 16  # scaled so that uniform attention over the 4 x 4 keys is 1
     torch.testing.assert_close(attention_flow(attention, weights, "sum"),
                                heads.sum(0) * weights[:, None, None])
     torch.testing.assert_close(attention_flow(attention, weights, "multi"),
@@ -27,6 +27,9 @@ def test_flow_weights_rows_by_their_place_among_text_tokens():
     out = aggregate(attention, both_rows, "flow-sum", weights)
     assert out.shape == (1, 1, 1, 4, 4)
     torch.testing.assert_close(out[0, 0, 0], (heads.sum(0) * weights[:, None, None]).mean(0))
+    # many layers of small probabilities: the product stays representable
+    deep = torch.full((32, 2, 1, 80, 80), 1 / 6400)
+    assert attention_flow(deep, torch.ones(1), "multi").min() == 1.0
 
 
 def test_words_average_their_rows_before_pooling():

@@ -135,9 +135,15 @@ def test_outputs_load_with_plain_transformers_and_peft_and_merge(llava_dir, tiny
 
 
 def test_aligner_pretraining_leaves_the_vlm_alone(llava_dir, tiny_world, oracle, tmp_path):
-    final = train(_cfg(llava_dir, tiny_world, oracle, tmp_path / "pre", steps=2, aligner_pretrain_steps=2))
+    from transformers import AutoModelForImageTextToText
+
+    final = train(_cfg(llava_dir, tiny_world, oracle, tmp_path / "pre", steps=2, aligner_pretrain_steps=2,
+                       aggregation="learn"))
     lora_b = [t for k, t in load_file(final / "adapter_model.safetensors").items() if "lora_B" in k]
     assert lora_b and all(t.abs().sum() == 0 for t in lora_b)  # LoRA B starts at zero and was never stepped
+    base = AutoModelForImageTextToText.from_pretrained(llava_dir).model.language_model.layers
+    learned = load_file(final / "aligner" / "model.safetensors")
+    assert not torch.equal(learned["learned.q.0.weight"], base[0].self_attn.q_proj.weight)  # W_Qd did learn
     final = train(_cfg(llava_dir, tiny_world, oracle, tmp_path / "joint", steps=2))
     lora_b = [t for k, t in load_file(final / "adapter_model.safetensors").items() if "lora_B" in k]
     assert any(t.abs().sum() > 0 for t in lora_b)

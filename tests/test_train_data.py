@@ -141,3 +141,25 @@ def test_caption_only_samples_use_the_instruction(processor):
     assert json.dumps(messages).count('"image"') == 1
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[1]["content"][0]["text"] == "a red circle"
+
+
+def test_an_answer_is_matched_in_its_own_turn_and_whole_words_only(processor, tmp_path):
+    sample = Sample("qa", lambda: Image.new("RGB", (32, 32)), question="is the red circle reddish? red",
+                    answer="red", turns=[("user", "is the red circle reddish? red"), ("assistant", "red")])
+    store = _store(tmp_path / "s", 8, {"qa": {"red": np.ones((8, 8)), "circle": np.ones((8, 8))}},
+                   text="question+answer")
+    enc = _dataset(processor, [sample], store)[0]
+    ids, labels = enc.inputs["input_ids"][0], enc.inputs["labels"][0]
+    answer_rows = [w.rows for w in enc.words if w.word == "red"][-1]
+    assert all(labels[r] != IGNORE for r in answer_rows)  # the answer's "red", not the question's
+    assert [w.word for w in enc.words] == ["red", "circle", "red", "red"]
+
+
+def test_a_sample_the_processor_rejects_is_skipped(processor, tmp_path, monkeypatch):
+    samples = [Sample(str(i), lambda: Image.new("RGB", (32, 32)), caption="a red circle") for i in range(2)]
+    data = _dataset(processor, samples)
+    real = data.encode
+    monkeypatch.setattr(data, "encode", lambda s, im: (_ for _ in ()).throw(ValueError("bad tiles")) if s.id == "0"
+                        else real(s, im))
+    enc = data[0]
+    assert enc.sample_id == "1" and enc.events["samples the processor rejected"] == 1

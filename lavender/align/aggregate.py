@@ -4,9 +4,10 @@ A word's attention arrives as (layers, heads, rows, h, w): one row per query tok
 pieces), already on the image plane. Aggregations:
 
 - `<over layers>-<over heads>` with mean or max (e.g. `mean-max`: max over heads, then mean over layers);
-- `flow-sum` / `flow-multi`: head-mean maps combined across layers by addition or element-wise product,
-  each token row weighted by `r_t = t / N_text` (t: the token's 1-based place among the text tokens),
-  which keeps early tokens from dominating under a causal mask (Lavender, Appendix D);
+- `flow-sum` / `flow-multi`: head-mean maps (scaled so that uniform attention is 1) combined across layers
+  by addition or element-wise product, each token row weighted by `r_t = t / N_text` (t: the token's
+  1-based place among the text tokens), which keeps early tokens from dominating under a causal mask
+  (Lavender, Appendix D);
 - `learn`: the rows come from parallel W_Qd/W_Kd (see `lavender.vlm`) and are pooled mean-mean here;
 - `per-layer`: one head-mean map per layer, each through the Aligner, the Aligner outputs averaged;
 - `heads`: the layer-mean of every head, the heads as the Aligner's input channels.
@@ -34,8 +35,13 @@ def pool_layers_heads(attention: torch.Tensor, method: str = "mean-mean") -> tor
 
 
 def attention_flow(attention: torch.Tensor, row_weights: torch.Tensor, combine: str = "sum") -> torch.Tensor:
-    """(layers, heads, rows, ...) -> (rows, ...): head means merged across layers, row t scaled by r_t."""
-    per_layer = attention.mean(dim=1)
+    """(layers, heads, rows, ...) -> (rows, ...): head means merged across layers, row t scaled by r_t.
+
+    Each layer's map is first scaled so that uniform attention is 1 (times the number of image keys): a
+    product of raw probabilities, about 1/keys each, would underflow after a few layers.
+    """
+    keys = attention[0, 0, 0].numel()
+    per_layer = attention.mean(dim=1) * keys
     flow = per_layer.sum(dim=0) if combine == "sum" else per_layer.prod(dim=0)
     return flow * row_weights.to(flow).view(-1, *([1] * (flow.dim() - 1)))
 

@@ -12,6 +12,7 @@ tokens still matches), and each word is paired with a target word of the store:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -34,16 +35,29 @@ class WordRows:
     rows: tuple[int, ...]  # query positions in the VLM sequence
 
 
+def find_text(prompt: str, text: str, start: int = 0) -> int:
+    """First place of `text` in `prompt` at or after `start` that does not cut a word; -1 if none."""
+    if not text:
+        return -1
+    for match in re.finditer(re.escape(text), prompt[start:]):
+        begin, end = start + match.start(), start + match.end()
+        if not (begin > 0 and prompt[begin - 1].isalnum() and text[0].isalnum()) and not (
+                end < len(prompt) and prompt[end].isalnum() and text[-1].isalnum()):
+            return begin
+    return -1
+
+
 def match_words(prompt: str, offsets: list[tuple[int, int]], aligned_text: str, target_words: list[str],
-                mode: str = "exact", position: str = "input") -> list[WordRows]:
-    """Pair each word of `aligned_text`, wherever it stands in `prompt`, with a target word and its rows.
+                mode: str = "exact", position: str = "input", search_from: int = 0) -> list[WordRows]:
+    """Pair each word of `aligned_text`, where it first stands in `prompt` after `search_from`, with a target
+    word and its rows.
 
     `offsets` are the prompt tokens' character spans (a fast tokenizer's `offset_mapping`). Words without
     a target, and aligned text not found in the prompt, give nothing.
     """
     if mode not in MATCH_MODES or position not in POSITIONS:
         raise ValueError(f"mode must be one of {MATCH_MODES} and position one of {POSITIONS}")
-    start = prompt.find(aligned_text) if aligned_text else -1
+    start = find_text(prompt, aligned_text, search_from)
     if start < 0:
         return []
     end = start + len(aligned_text)

@@ -8,6 +8,7 @@ grounding of a VLM before and after Lavender is comparable with the teacher's.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,14 +42,23 @@ class AttentionMapsConfig:
     instruction: str = field(default="Describe the image.", metadata={"help": "user turn of caption samples"})
 
 
+def training_settings(adapter: str) -> dict:
+    """The `lavender train` settings saved with its output, if any."""
+    path = Path(adapter) / "lavender_train.json" if adapter else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+
 def _load(cfg: AttentionMapsConfig):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     adapter = Path(cfg.adapter) if cfg.adapter else None
     if adapter is not None and not (adapter / "adapter_config.json").exists():
         return AutoModelForImageTextToText.from_pretrained(adapter), AutoProcessor.from_pretrained(adapter)
-    model = AutoModelForImageTextToText.from_pretrained(cfg.model)
-    processor = AutoProcessor.from_pretrained(cfg.model)
+    base = cfg.model
+    if not base and adapter is not None:
+        base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = AutoModelForImageTextToText.from_pretrained(base)
+    processor = AutoProcessor.from_pretrained(base)
     if adapter is not None:
         from peft import PeftModel
 
@@ -57,8 +67,6 @@ def _load(cfg: AttentionMapsConfig):
 
 
 def _alignment(model, cfg: AttentionMapsConfig, resolution: int) -> AttentionAlignment:
-    import json
-
     adapter = adapter_for(model)
     aligner_dir = Path(cfg.adapter) / "aligner" if cfg.adapter else None
     if cfg.aligner:
@@ -81,8 +89,11 @@ def write_attention_store(cfg: AttentionMapsConfig) -> Path:
     model, processor = _load(cfg)
     model.eval()
     adapter = adapter_for(model)
-    data = StageTwoDataset.from_paths(cfg.data, processor, adapter.image_token_id, cfg.targets, cfg.image_root,
-                                      cfg.limit, instruction=cfg.instruction, max_length=4096)
+    trained = training_settings(cfg.adapter)  # rows chosen as in training
+    data = StageTwoDataset.from_paths(
+        cfg.data, processor, adapter.image_token_id, cfg.targets, cfg.image_root, cfg.limit, max_length=4096,
+        instruction=trained.get("instruction", cfg.instruction), match=trained.get("match", "exact"),
+        position=trained.get("align_position", "input"))
     alignment = _alignment(model, cfg, data.targets.resolution).eval()
     tokenizer = getattr(processor, "tokenizer", processor)
     loader = DataLoader(data, batch_size=cfg.batch_size, collate_fn=Collator(tokenizer.pad_token_id))

@@ -81,6 +81,8 @@ class TrainConfig:
                 raise ValueError(f"{flag} must be one of {allowed}, got {value!r}")
         if min(self.steps, self.batch_size, self.grad_accum, self.max_length) < 1:
             raise ValueError("--steps, --batch-size, --grad-accum and --max-length must be positive")
+        if self.keep_checkpoints < 1:
+            raise ValueError("--keep-checkpoints must be at least 1")
         if self.lam < 0 or self.aligner_pretrain_steps < 0:
             raise ValueError("--lam and --aligner-pretrain-steps must not be negative")
         self.aligner(1)  # validates the Aligner fields early

@@ -25,11 +25,16 @@ from lavender.diffusion.words import find_words
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-EVENTS = ("unreadable images", "truncated samples", "samples too long for their image", "samples without targets",
-          "words without a target", "targets of the wrong shape")
+EVENTS = ("unreadable images", "samples the processor rejected", "truncated samples",
+          "samples too long for their image", "samples without targets", "words without a target",
+          "targets of the wrong shape")
 # per-sample tensors laid out along the sequence, padded by the collator with these values
 SEQUENCE_PAD = {"input_ids": None, "attention_mask": 0, "labels": IGNORE, "cross_attention_mask": 0,
                 "mm_token_type_ids": 0, "token_type_ids": 0}
+
+
+class ChatTemplateError(ValueError):
+    """The chat template cannot be used for training (every sample would fail alike)."""
 
 
 @dataclass
@@ -67,11 +72,15 @@ def chat(sample: Sample, instruction: str) -> list[dict]:
     return messages
 
 
-def aligned_segments(sample: Sample, text_source: str) -> list[str]:
-    """The pieces of the stage-1 text as they appear in the chat."""
+def aligned_segments(sample: Sample, text_source: str) -> list[tuple[str, str]]:
+    """The pieces of the stage-1 text as they appear in the chat, each with the role of its turn."""
     if text_source == "question+answer":
-        return [t for t in (sample.question, sample.answer) if t]
-    return [t for t in (sample.text(text_source),) if t]
+        pieces = [("user", sample.question), ("assistant", sample.answer)]
+    elif text_source == "question":
+        pieces = [("user", sample.question)]
+    else:
+        pieces = [("assistant", sample.caption)]
+    return [(role, text) for role, text in pieces if text]
 
 
 def label_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -86,7 +95,7 @@ def label_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, i
             continue
         before, through = render(messages[:i], True), render(messages[: i + 1], False)
         if not (full.startswith(before) and full.startswith(through)):
-            raise ValueError("the processor's chat template does not render a conversation incrementally")
+            raise ChatTemplateError("the processor's chat template does not render a conversation incrementally")
         spans.append((len(before), len(through)))
     return full, spans
 
@@ -149,7 +158,14 @@ class StageTwoDataset(Dataset):
                 log.warning("skipping sample %s: %s", sample.id, err)
                 events["unreadable images"] += 1
                 continue
-            encoded = self.encode(sample, image)
+            try:
+                encoded = self.encode(sample, image)
+            except ChatTemplateError:
+                raise
+            except (ValueError, RuntimeError, IndexError) as err:  # e.g. an image the processor cannot tile
+                log.warning("skipping sample %s: the processor failed: %s", sample.id, err)
+                events["samples the processor rejected"] += 1
+                continue
             encoded.events.update(events)
             if encoded.inputs:
                 return encoded
@@ -179,11 +195,11 @@ class StageTwoDataset(Dataset):
             inside = real & (starts >= begin) & (starts < end)
             labels[inside] = ids[inside]
         inputs["labels"] = labels[None]
-        words = self._align(sample, text, offsets, real, events) if self.targets is not None else []
+        words = self._align(sample, text, spans, offsets, real, events) if self.targets is not None else []
         return Encoded(inputs, sample.id, words, events)
 
-    def _align(self, sample: Sample, text: str, offsets: torch.Tensor, real: torch.Tensor,
-               events: Counter) -> list[AlignedWord]:
+    def _align(self, sample: Sample, text: str, turns: list[tuple[int, int]], offsets: torch.Tensor,
+               real: torch.Tensor, events: Counter) -> list[AlignedWord]:
         if sample.id not in self.targets:
             events["samples without targets"] += 1
             return []
@@ -193,15 +209,18 @@ class StageTwoDataset(Dataset):
         n_text = max(int(real.sum()), 1)
         spans = [(int(s), int(e)) if r else (0, 0) for (s, e), r in zip(offsets.tolist(), real.tolist())]
         words = []
-        for segment in aligned_segments(sample, self.text_source):
-            for match in match_words(text, spans, segment, list(maps), self.match, self.position):
+        segments = aligned_segments(sample, self.text_source)
+        for role, segment in segments:
+            # a reply is looked for from the first assistant turn on, so a short answer is not found in the question
+            search_from = turns[0][0] if role == "assistant" and turns else 0
+            for match in match_words(text, spans, segment, list(maps), self.match, self.position, search_from):
                 target = maps[match.word]
                 if target.shape != (resolution, resolution):
                     events["targets of the wrong shape"] += 1
                     continue
                 weights = tuple(float(text_places[r]) / n_text for r in match.rows)
                 words.append(AlignedWord(match.word, match.rows, weights, torch.as_tensor(target)))
-        in_text = sum(len(find_words(segment)) for segment in aligned_segments(sample, self.text_source))
+        in_text = sum(len(find_words(segment)) for _, segment in segments)
         events["words without a target"] += max(in_text - len(words), 0)
         return words
 

@@ -38,8 +38,9 @@ TRAINABLE_FILE = "trainable.safetensors"
 ALIGNER_DIR = "aligner"
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint."""
+class TrainingError(ValueError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint. A
+    ValueError, so the command line reports it as a message rather than a traceback."""
 
 
 class Progress:
@@ -76,6 +77,7 @@ def select_parameters(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Freeze the VLM, then open LoRA adapters or the language model, and the vision side if asked."""
     extra = (_named(model, VISION_MODULES) if cfg.train_vision else []) + (
         _named(model, PROJECTOR_MODULES) if cfg.train_projector else [])
+    extra = [n for n in extra if not any(n.startswith(m + ".") for m in extra)]  # a projector inside the tower
     model.requires_grad_(False)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
@@ -119,16 +121,27 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def save_final(objective: LavenderObjective, processor, out: Path, cfg: TrainConfig) -> Path:
-    """The fine-tuned VLM (a peft adapter or a full model) with its processor, and the Aligner beside it."""
+def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def save_final(objective: LavenderObjective, processor, out: Path, cfg: TrainConfig,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
+    """The fine-tuned VLM (a peft adapter or a full model) with its processor, and the Aligner beside it.
+
+    `state` is the full state dict gathered from a sharded run (FSDP, DeepSpeed); otherwise the modules'
+    own parameters are saved."""
     final, tmp = out / "final", out / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    objective.vlm.save_pretrained(tmp)
+    if state is None:
+        objective.vlm.save_pretrained(tmp)
+    else:
+        objective.vlm.save_pretrained(tmp, state_dict=_part(state, "vlm."))
     processor.save_pretrained(tmp)
     if objective.alignment is not None:
         (tmp / ALIGNER_DIR).mkdir()
-        save_file({k: v.contiguous() for k, v in objective.alignment.state_dict().items()},
-                  str(tmp / ALIGNER_DIR / "model.safetensors"))
+        aligner_state = objective.alignment.state_dict() if state is None else _part(state, "alignment.")
+        save_file({k: v.contiguous() for k, v in aligner_state.items()}, str(tmp / ALIGNER_DIR / "model.safetensors"))
         settings = {"aggregation": cfg.aggregation, "layers": objective.alignment.layers,
                     "aligner": objective.alignment.aligner.cfg.__dict__}
         (tmp / ALIGNER_DIR / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
@@ -157,8 +170,12 @@ class Trainer:
             cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, log_with=trackers or None,
             project_dir=str(self.out),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-            # Aligner pretraining runs the VLM without a graph, so its parameters see no gradient then
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.aligner_pretrain_steps > 0)])
+            # Aligner pretraining runs the VLM without a graph, and a vision tower's last layers may feed
+            # nothing (LLaVA reads the second-to-last layer): parameters that see no gradient in a step
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(
+                cfg.aligner_pretrain_steps or cfg.train_vision or cfg.train_projector))])
+        if self.accelerator.distributed_type.value == "DEEPSPEED" and cfg.grad_accum > 1:
+            raise ValueError("with DeepSpeed, set gradient accumulation in its config, not --grad-accum")
         set_seed(cfg.seed)
         model, self.processor = load_vlm(cfg.model)
         if cfg.gradient_checkpointing:
@@ -181,6 +198,8 @@ class Trainer:
                             collate_fn=Collator(tokenizer.pad_token_id), drop_last=len(self.dataset) >= cfg.batch_size,
                             generator=torch.Generator().manual_seed(cfg.seed))
         self.objective, self.optimizer, self.loader = self.accelerator.prepare(objective, optimizer, loader)
+        if len(self.loader) == 0:
+            raise ValueError(f"{len(self.dataset)} samples do not make one batch of {cfg.batch_size} per process")
         self.progress = Progress()
         self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
         self.accelerator.register_save_state_pre_hook(self._save_trainable)
@@ -274,13 +293,18 @@ class Trainer:
                                         f"L_att sum {att}); stopped. Last good state: {where}")
                 acc.backward(loss)
             lm_total, att_total = lm_total + lm, att_total + att
-        if cfg.max_grad_norm > 0 and acc.sync_gradients:
-            acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if cfg.max_grad_norm > 0:
+            norm = float(acc.clip_grad_norm_(self.objective.parameters(), cfg.max_grad_norm))
+            if not math.isfinite(norm):
+                where = self.save_checkpoint(f"checkpoint-{self.progress.step}-last-good")
+                raise TrainingError(f"non-finite gradient norm at step {self.progress.step + 1}; stopped. "
+                                    f"Last good state: {where}")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         lm_sum, att_sum = self._global([lm_total, att_total])
-        metrics = {"L_VLM": lm_sum / max(tokens, 1), "lr": self.scheduler.get_last_lr()[0]}
+        metrics = {"L_VLM": lm_sum / max(tokens, 1), "lr": lr}
         if self.objective_alignment is not None:
             metrics |= {"L_att": att_sum / max(words, 1), "matched_words": words}
         return metrics
@@ -325,8 +349,10 @@ class Trainer:
         bar.close()
         self.save_checkpoint()
         final = self.out / "final"
+        sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
+        state = acc.get_state_dict(self.objective) if sharded else None  # collective when sharded
         if acc.is_main_process:
-            final = save_final(acc.unwrap_model(self.objective), self.processor, self.out, cfg)
+            final = save_final(acc.unwrap_model(self.objective), self.processor, self.out, cfg, state)
             skipped = {k: v for k, v in self.progress.events.items() if v}
             if skipped:
                 log.warning("skipped or adjusted during training: %s", skipped)

@@ -44,7 +44,7 @@ def _keep(tensor: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def row_capture_hooks(targets: list[tuple[nn.Module, nn.Module, nn.Module]],
-                      compute: Callable[[nn.Module, int, dict], None]) -> Iterator[None]:
+                      compute: Callable[[nn.Module, int, dict], None], grad: bool = False) -> Iterator[None]:
     """Hook each (attention module, query module, key module) for one forward pass, then clean up.
 
     During the attention module's forward, the outputs of its query and key modules and the keyword
@@ -65,7 +65,9 @@ def row_capture_hooks(targets: list[tuple[nn.Module, nn.Module, nn.Module]],
         def done(module, args, kwargs, out, seen=seen, index=index):
             # Tensors the rows need for backward are kept as they are, even inside an activation-checkpointed
             # layer: the recomputation in backward runs without these hooks, so it could not rebuild them.
-            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            # `grad` builds a graph even when the model runs without one (Aligner pretraining with W_Qd/W_Kd).
+            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep), torch.set_grad_enabled(
+                    grad or torch.is_grad_enabled()):
                 compute(module, index, dict(seen))
             seen.clear()
 
@@ -79,6 +81,12 @@ def row_capture_hooks(targets: list[tuple[nn.Module, nn.Module, nn.Module]],
             h.remove()
 
 
+def _plain_copy(projection: nn.Module) -> nn.Module:
+    """A copy of a projection without any peft wrapping (its base layer), so it saves and loads plainly."""
+    base = projection.get_base_layer() if hasattr(projection, "get_base_layer") else projection
+    return copy.deepcopy(base)
+
+
 class LearnedProjections(nn.Module):
     """The `learn` aggregation's parallel W_Qd, W_Kd per aligned layer, used only for the alignment loss.
 
@@ -88,8 +96,8 @@ class LearnedProjections(nn.Module):
 
     def __init__(self, attention_modules: dict[int, nn.Module]):
         super().__init__()
-        self.q = nn.ModuleDict({str(i): copy.deepcopy(m.q_proj) for i, m in attention_modules.items()})
-        self.k = nn.ModuleDict({str(i): copy.deepcopy(m.k_proj) for i, m in attention_modules.items()})
+        self.q = nn.ModuleDict({str(i): _plain_copy(m.q_proj) for i, m in attention_modules.items()})
+        self.k = nn.ModuleDict({str(i): _plain_copy(m.k_proj) for i, m in attention_modules.items()})
         for p in self.parameters():
             p.requires_grad_(True)
 
@@ -148,5 +156,5 @@ def capture_self_attention_rows(
         )
 
     targets = [(decoder[i].self_attn, decoder[i].self_attn.q_proj, decoder[i].self_attn.k_proj) for i in layers]
-    with row_capture_hooks(targets, compute):
+    with row_capture_hooks(targets, compute, grad=learned is not None and learned.training):
         yield captured

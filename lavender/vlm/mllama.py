@@ -92,7 +92,7 @@ def capture_cross_attention_rows(model, layers: list[int] | None = None, rows: t
         captured[layers[index]] = attention_rows(q, k, module.scaling, module.num_key_value_groups, mask)
 
     targets = [(decoder[i].cross_attn, decoder[i].cross_attn.q_norm, decoder[i].cross_attn.k_norm) for i in layers]
-    with row_capture_hooks(targets, compute):
+    with row_capture_hooks(targets, compute, grad=learned is not None and learned.training):
         yield captured
 
 

@@ -17,7 +17,9 @@ from lavender.world.data import read_masks
 
 
 def mask_to_target(mask, resolution: int, blur: int = 3) -> torch.Tensor:
-    """bool (H, W) -> float32 (R, R) in [0, 1]: area-resized, box-blurred, min-max normalised."""
+    """bool (H, W) -> float32 (R, R) in [0, 1]: area-resized, box-blurred (odd `blur`), min-max normalised."""
+    if blur % 2 == 0:
+        raise ValueError("blur must be odd, so the map keeps its size")
     m = torch.as_tensor(mask, dtype=torch.float32)[None, None]
     m = F.adaptive_avg_pool2d(m, resolution)
     if blur > 1:
