@@ -4,7 +4,8 @@ One optimizer step (forward, loss, backward, AdamW) of a mid-size random model w
 model's attention projections (the trainer's default), three ways:
   * plain:    L_VLM only, the model's default SDPA attention;
   * lavender: L_VLM + lambda * L_att through `LavenderObjective`: rows of 8 aligned words (2 tokens each)
-              captured in every alignable layer, mean-mean aggregation, the `sim` conv Aligner, MSE;
+              captured in every alignable layer, the default `heads` aggregation (heads as the Aligner's
+              channels), the `sim` conv Aligner, MSE;
   * naive:    the same L_att, but from a whole-model eager pass with `output_attentions=True`.
 
 Time: medians over alternating repeats. Memory: median peak resident memory (VmHWM, reset after set-up)
@@ -72,7 +73,7 @@ def setup(family: str, variant: str):
                          torch.rand(RESOLUTION, RESOLUTION)) for i in range(8)]
     size = inputs["input_ids"].shape[0]
     batch = Batch(inputs, words * size, torch.arange(size).repeat_interleave(len(words)), Counter())
-    objective = build_objective(model, variant != "plain", (), "mean-mean", AlignerConfig(resolution=RESOLUTION))
+    objective = build_objective(model, variant != "plain", (), "heads", AlignerConfig(resolution=RESOLUTION))
     objective.train()
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-5)
     return objective, batch, optimizer

@@ -113,7 +113,7 @@ def test_outputs_load_with_plain_transformers_and_peft_and_merge(llava_dir, tiny
 
     final = train(_cfg(llava_dir, tiny_world, oracle, tmp_path / "run", steps=3))
     assert (final / "aligner" / "model.safetensors").exists()
-    assert json.loads((final / "aligner" / "config.json").read_text())["aggregation"] == "mean-mean"
+    assert json.loads((final / "aligner" / "config.json").read_text())["aggregation"] == "heads"
     base = AutoModelForImageTextToText.from_pretrained(llava_dir)
     tuned = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(llava_dir), final).eval()
     processor = AutoProcessor.from_pretrained(final)
@@ -161,7 +161,7 @@ def test_full_fine_tuning_with_a_trainable_projector(llava_dir, tiny_world, orac
     assert not any("vision_tower" in k for k in changed)
 
 
-@pytest.mark.parametrize("aggregation", ["max-max", "flow-sum", "flow-multi", "per-layer", "heads", "learn"])
+@pytest.mark.parametrize("aggregation", ["mean-mean", "max-max", "flow-sum", "flow-multi", "per-layer", "learn"])
 def test_every_aggregation_trains(llava_dir, tiny_world, oracle, tmp_path, aggregation):
     train(_cfg(llava_dir, tiny_world, oracle, tmp_path / aggregation, steps=2, aggregation=aggregation,
                aligner_depth="light"))

@@ -149,7 +149,7 @@ def test_an_answer_is_matched_in_its_own_turn_and_whole_words_only(processor, tm
     store = _store(tmp_path / "s", 8, {"qa": {"red": np.ones((8, 8)), "circle": np.ones((8, 8))}},
                    text="question+answer")
     enc = _dataset(processor, [sample], store)[0]
-    ids, labels = enc.inputs["input_ids"][0], enc.inputs["labels"][0]
+    labels = enc.inputs["labels"][0]
     answer_rows = [w.rows for w in enc.words if w.word == "red"][-1]
     assert all(labels[r] != IGNORE for r in answer_rows)  # the answer's "red", not the question's
     assert [w.word for w in enc.words] == ["red", "circle", "red", "red"]

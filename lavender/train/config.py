@@ -26,7 +26,8 @@ class TrainConfig:
     max_length: int = field(default=512, metadata={"help": "longer samples are truncated after the image"})
     # the alignment
     lam: float = field(default=10.0, metadata={"help": "weight lambda of the attention loss (0: plain fine-tuning)"})
-    aggregation: str = field(default="mean-mean", metadata={"help": "|".join(AGGREGATIONS)})
+    aggregation: str = field(default="heads", metadata={
+        "help": "|".join(AGGREGATIONS) + " (heads: every head an Aligner input channel, as in the authors' release)"})
     layers: tuple[int, ...] = field(default=(), metadata={
         "help": "decoder layers to align (default: every alignable layer of the family)"})
     match: str = field(default="exact", metadata={"help": "word matching: exact|root"})

@@ -84,4 +84,4 @@ def adapter_for(model: torch.nn.Module) -> VLMAdapter:
 
 
 def _load_builtin() -> None:
-    from lavender.vlm import llava, mllama, qwen2_vl  # noqa: F401  (registration happens on import)
+    from lavender.vlm import llava, minicpmv, mllama, qwen2_vl  # noqa: F401  (registration happens on import)

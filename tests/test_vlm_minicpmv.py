@@ -1,0 +1,207 @@
+"""MiniCPM-V 4.6 / 4.7 / MiniCPM-OCR: rows of the full-attention layers equal the eager attention; image
+tokens land on their cell of the overview crop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from minicpmv_testers import (
+    IMAGE_PAD,
+    KINDS,
+    PATCH,
+    build_tokenizer,
+    encode,
+    minicpmv_inputs,
+    noise_image,
+    prompt,
+    tiny_minicpmv,
+)
+
+from lavender.vlm.base import adapter_for, supported_model_types
+from lavender.vlm.minicpmv import GatedQueryProjections, capture_gated_attention_rows, learned_projections
+
+FULL = [0, 2]  # the tiny models' layer types: full, linear, full attention
+
+
+def image_token_id() -> int:
+    return build_tokenizer().convert_tokens_to_ids(IMAGE_PAD)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_captured_rows_equal_eager_attention(attn, kind):
+    eager = tiny_minicpmv("eager", kind)
+    model = tiny_minicpmv(attn, kind)
+    model.load_state_dict(eager.state_dict())
+    # a left-padded batch, then the first sample alone (no padding: sdpa is given no mask at all)
+    for inputs in (minicpmv_inputs(kind), minicpmv_inputs(kind, count=1)):
+        s = inputs["input_ids"].shape[1]
+        pads = (inputs["attention_mask"] == 0).sum(-1).tolist()
+        image_row = int((inputs["input_ids"][0] == image_token_id()).nonzero()[4])
+        assert pads[0] == 0 and (len(pads) == 1 or 0 < pads[1] <= image_row)  # the image row is real in both
+        rows = torch.tensor([s - 1, s - 4, s - 7, image_row])  # text after the image, an image token
+        with torch.no_grad():
+            reference = eager(**inputs, output_attentions=True).attentions  # full-attention layers only
+            with capture_gated_attention_rows(model, layers=FULL, rows=rows) as captured:
+                model(**inputs)
+        assert len(reference) == len(FULL)
+        for layer, expected in zip(FULL, reference):
+            assert captured[layer].shape == (len(pads), 4, len(rows), s)
+            torch.testing.assert_close(captured[layer], expected[:, :, rows], atol=1e-5, rtol=1e-5)
+        assert captured[2][:, :, -1, image_row + 1 :].abs().max() == 0  # the image row sees no later position
+        if len(pads) == 2:
+            assert captured[2][1, :, :, : pads[1]].abs().max() < 1e-6  # the padding gets nothing
+
+
+def test_capture_leaves_the_outputs_unchanged():
+    model = tiny_minicpmv("sdpa")
+    inputs = minicpmv_inputs()
+    learned = learned_projections(model, [2])
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with capture_gated_attention_rows(model, FULL, torch.tensor([20, 26])) as captured:
+            during = model(**inputs).logits
+        with capture_gated_attention_rows(model, [2], torch.tensor([26]), learned=learned):
+            with_learned = model(**inputs).logits
+    assert set(captured) == set(FULL)
+    assert torch.equal(during, reference) and torch.equal(with_learned, reference)
+
+
+@pytest.mark.parametrize(
+    "kind, height, width, factor",
+    [("minicpmv4_6", 64, 32, 4), ("minicpmv4_6", 32, 48, 4), ("minicpmv4_7", 32, 48, 4), ("minicpm_ocr", 64, 32, 2)],
+)
+def test_image_tokens_land_on_their_cell(kind, height, width, factor):
+    """Mark one patch (r, c) at a time in an image sent through the real image processor and vision tower
+    (the tower's encoder attention switched off, so that each token sees only its own patches): exactly one
+    image token's embedding changes, and `to_image` puts that change at cell (r // factor, c // factor)."""
+    model = tiny_minicpmv("sdpa", kind)
+    with torch.no_grad():
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.self_attn.out_proj.weight.zero_()
+            layer.self_attn.out_proj.bias.zero_()
+    adapter = adapter_for(model)
+    gh, gw = height // PATCH, width // PATCH
+    base = noise_image(height, width, seed=2)
+    images = [base]
+    for r in range(gh):
+        for c in range(gw):
+            marked = base.copy()
+            marked.paste((255, 0, 255), (c * PATCH, r * PATCH, (c + 1) * PATCH, (r + 1) * PATCH))
+            images.append(marked)
+    batch = encode([prompt("what is this ?", "a square .")] * len(images), images, kind)
+    assert batch["target_sizes"].tolist() == [[gh, gw]] * len(images)  # not resized
+
+    seen = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(**batch)
+    hook.remove()
+    change = (seen["embeds"] - seen["embeds"][:1]).abs().amax(-1)  # (B, S): what each marker moved
+    image = batch["input_ids"] == adapter.image_token_id
+    assert change[~image].max() == 0
+    maps = adapter.to_image(change[:, None, None, :], batch)
+
+    if kind == "minicpmv4_7":  # its canvas M-RoPE places each token of an overview at its (row, column)
+        positions, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                                  batch["target_sizes"], attention_mask=batch["attention_mask"])
+    for k, (r, c) in enumerate((r, c) for r in range(gh) for c in range(gw)):
+        plane = maps[k + 1][0, 0]
+        assert plane.shape == (gh // factor, gw // factor)
+        assert (plane > 0).sum() == 1 and plane[r // factor, c // factor] > 0
+        if kind == "minicpmv4_7":
+            token, first = int(change[k + 1].argmax()), int(image[k + 1].nonzero()[0])
+            assert (positions[1:, k + 1, token] - positions[1:, k + 1, first]).tolist() == [r // factor, c // factor]
+
+
+def test_learned_projections_start_equal_and_move_only_the_loss_attention():
+    model = tiny_minicpmv("sdpa")
+    inputs = minicpmv_inputs()
+    rows = torch.tensor([22, 26])
+    image_key = int((inputs["input_ids"][0] == image_token_id()).nonzero()[0])
+
+    # the layer's own rows keep the graph: a loss on them trains q_proj (its query half) and k_proj
+    with capture_gated_attention_rows(model, [2], rows) as own_graph:
+        model(**inputs)
+    own_graph[2][..., image_key].sum().backward()
+    attn = model.model.language_model.layers[2].self_attn
+    grad = attn.q_proj.weight.grad.view(4, 2, 8, -1)  # per head: query rows, then gate rows
+    assert grad[:, 0].abs().sum() > 0 and grad[:, 1].abs().max() == 0 and attn.k_proj.bias.grad.abs().sum() > 0
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    learned = learned_projections(model, [2])
+    assert isinstance(learned, GatedQueryProjections)
+    assert learned.q["2"].weight.shape == (4 * 8, 32) and learned.k["2"].weight.shape == attn.k_proj.weight.shape
+    hidden = torch.randn(2, 5, 32)
+    query, _ = attn.q_proj(hidden).view(2, 5, 4, 16).chunk(2, dim=-1)  # as the layer splits it
+    torch.testing.assert_close(learned.q["2"](hidden).view(2, 5, 4, 8), query, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        with capture_gated_attention_rows(model, [2], rows) as own:
+            reference = model(**inputs).logits
+        with capture_gated_attention_rows(model, [2], rows, learned=learned) as parallel:
+            model(**inputs)
+    torch.testing.assert_close(parallel[2], own[2], atol=1e-6, rtol=1e-6)
+    assert parallel[2].requires_grad  # the model ran without a graph, the learned rows still have one
+    parallel[2][..., image_key].sum().backward()
+    for proj in (learned.q["2"], learned.k["2"]):
+        assert proj.weight.grad.abs().sum() > 0 and proj.bias.grad.abs().sum() > 0
+    with torch.no_grad():
+        learned.k["2"].weight.add_(0.5 * torch.randn_like(learned.k["2"].weight))
+        with capture_gated_attention_rows(model, [2], rows, learned=learned) as moved:
+            after = model(**inputs).logits
+    assert (moved[2] - own[2]).abs().max() > 1e-3
+    assert torch.equal(after, reference)
+
+
+def test_adapter_for_picks_the_family_and_maps_every_sample():
+    import peft
+
+    assert set(KINDS) <= set(supported_model_types())
+    for kind in KINDS:
+        model = tiny_minicpmv("sdpa", kind)
+        adapter = adapter_for(model)
+        assert adapter.family == "minicpmv" and adapter.alignable_layers() == FULL
+        assert adapter.image_token_id == image_token_id() and adapter.num_heads(0) == 4
+        with pytest.raises(ValueError, match="no softmax attention"), adapter.capture([1]):
+            pass
+
+        batch = minicpmv_inputs(kind)
+        rows = torch.tensor([24, 26])
+        with torch.no_grad(), adapter.capture([2], rows) as captured:
+            model(**batch)
+        maps = adapter.to_image(captured[2], batch)
+        # 64 x 32 and 32 x 48 pixel images ("16x": 16 pixels a token); OCR ("4x", 8 pixels) widens the second
+        expected = [(4, 2, 8, 4), (4, 2, 4, 7)] if kind == "minicpm_ocr" else [(4, 2, 4, 2), (4, 2, 2, 3)]
+        assert [m.shape for m in maps] == expected
+        for b in range(2):
+            positions = (batch["input_ids"][b] == adapter.image_token_id).nonzero().squeeze(-1)
+            torch.testing.assert_close(maps[b].flatten(-2), captured[2][b][..., positions])
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj"]))
+    assert adapter_for(lora).family == "minicpmv"
+    learned = adapter_for(lora).learned_projections([0])  # copies of the base layers, without the LoRA wrapping
+    assert type(learned.q["0"]) is torch.nn.Linear and type(learned.k["0"]) is torch.nn.Linear
+    base = model.model.language_model.layers[0].self_attn.q_proj.get_base_layer()
+    assert torch.equal(learned.q["0"].weight, base.weight.view(4, 2, 8, -1)[:, 0].reshape(32, -1))
+
+
+def test_to_image_refuses_anything_but_one_overview_per_sample():
+    model = tiny_minicpmv("sdpa")
+    adapter = adapter_for(model)
+    cases = [  # two images in one sample and none in the other; an image cut into slices
+        ([prompt("what is this ?", "two .", images=2), prompt("what is this ?", "none .", images=0)],
+         [noise_image(32, 32, seed=0), noise_image(32, 32, seed=1)], False),
+        ([prompt("what is this ?", "a circle ."), prompt("what is this ?", "a square .")],
+         [noise_image(96, 96, seed=0), noise_image(32, 32, seed=1)], True),
+    ]
+    for texts, images, slice_mode in cases:
+        batch = encode(texts, images, slice_mode=slice_mode)
+        if slice_mode:
+            assert batch["target_sizes"].shape[0] > 2  # the processor did cut slices
+        with torch.no_grad():
+            model(**batch)  # a valid input for the model
+        probs = torch.rand(2, 1, 1, batch["input_ids"].shape[1])
+        with pytest.raises(ValueError, match="one image per sample"):
+            adapter.to_image(probs, batch)
