@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from lavender.vlm.attention import LearnedProjections
+from lavender.vlm.attention import LearnedProjections, capture_self_attention_rows, self_attention_projections
 
 _ADAPTERS: dict[str, type[VLMAdapter]] = {}
 
@@ -55,6 +55,20 @@ class VLMAdapter(ABC):
     @abstractmethod
     def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
         """(B, heads, R, keys) -> per sample (heads, R, h, w) on that sample's image plane."""
+
+
+class SelfAttentionAdapter(VLMAdapter):
+    """A family whose image tokens sit in the text sequence and are read through causal self-attention
+    (LLaVA, Qwen2-VL): every decoder layer is alignable and the rows come from its own q/k projections."""
+
+    def alignable_layers(self) -> list[int]:
+        return list(range(self.model.config.text_config.num_hidden_layers))
+
+    def capture(self, layers, rows=None, learned=None):
+        return capture_self_attention_rows(self.model, layers, rows, learned)
+
+    def learned_projections(self, layers):
+        return self_attention_projections(self.model, layers)
 
 
 def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from lavender.vlm.attention import capture_self_attention_rows, self_attention_projections
-from lavender.vlm.base import VLMAdapter, register_adapter
+from lavender.vlm.base import SelfAttentionAdapter, register_adapter
 
 
 def patch_grid(model) -> int:
@@ -32,18 +32,9 @@ def keys_to_grid(values: torch.Tensor, positions: torch.Tensor, grid: int) -> to
 
 
 @register_adapter
-class LlavaAdapter(VLMAdapter):
+class LlavaAdapter(SelfAttentionAdapter):
     family = "llava"
     model_types = ("llava",)
-
-    def alignable_layers(self) -> list[int]:
-        return list(range(self.model.config.text_config.num_hidden_layers))
-
-    def capture(self, layers, rows=None, learned=None):
-        return capture_self_attention_rows(self.model, layers, rows, learned)
-
-    def learned_projections(self, layers):
-        return self_attention_projections(self.model, layers)
 
     def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
         grid = patch_grid(self.model)

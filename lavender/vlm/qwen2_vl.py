@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from lavender.vlm.attention import capture_self_attention_rows, self_attention_projections
-from lavender.vlm.base import VLMAdapter, register_adapter
+from lavender.vlm.base import SelfAttentionAdapter, register_adapter
 
 
 def image_planes(batch: dict, merge: int) -> list[tuple[int, int]]:
@@ -63,18 +63,9 @@ def keys_to_plane(values: torch.Tensor, positions: torch.Tensor, rows: int, cols
 
 
 @register_adapter
-class Qwen2VLAdapter(VLMAdapter):
+class Qwen2VLAdapter(SelfAttentionAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
-
-    def alignable_layers(self) -> list[int]:
-        return list(range(self.model.config.text_config.num_hidden_layers))
-
-    def capture(self, layers, rows=None, learned=None):
-        return capture_self_attention_rows(self.model, layers, rows, learned)
-
-    def learned_projections(self, layers):
-        return self_attention_projections(self.model, layers)
 
     def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
         planes = image_planes(batch, self.model.config.vision_config.spatial_merge_size)
