@@ -1,6 +1,7 @@
 """Lavender: diffusion-guided instruction tuning of vision-language models."""
 
 import logging
+import warnings
 
 __version__ = "0.1.0"
 
@@ -9,3 +10,7 @@ __version__ = "0.1.0"
 logging.getLogger("transformers.utils.import_utils").addFilter(
     lambda record: "requires torchvision" not in record.getMessage()
 )
+
+# accelerate asks models `is_gradient_checkpointing`, which transformers 5 has deprecated in favour of a new
+# name; the warning is about accelerate's call, not about anything a user of this package can change.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

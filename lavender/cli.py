@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # accelerate narrates every checkpoint file at INFO
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:
