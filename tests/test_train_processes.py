@@ -1,4 +1,5 @@
-"""`lavender train` under `accelerate launch` with two CPU processes (gloo) matches one process."""
+"""`lavender train` under `accelerate launch` with two CPU processes (gloo) matches one process, with LoRA, the
+`learn` aggregation and a trainable vision tower (as peft `modules_to_save`)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 def _train_args(model: Path, world: Path, store: Path, out: Path, batch_size: int) -> list[str]:
     return ["train", "--model", str(model), "--data", str(world), "--targets", str(store),
             "--out", str(out), "--steps", "3", "--batch-size", str(batch_size), "--lr", "1e-3", "--report-to",
-            "none", "--lora-dropout", "0", "--aggregation", "learn"]
+            "none", "--lora-dropout", "0", "--aggregation", "learn",
+            "--train-vision"]  # LLaVA's last vision layer feeds nothing: DDP must tolerate unused parameters
 
 
 def _metrics(out: Path) -> list[dict]:
