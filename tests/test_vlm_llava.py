@@ -6,7 +6,7 @@ import pytest
 import torch
 from vlm_testers import IMAGE_TOKEN, llava_inputs, tiny_llava
 
-from lavender.vlm.llava import capture_self_attention_rows, image_key_positions, keys_to_grid, patch_grid
+from lavender.vlm.llava import capture_self_attention_rows, image_key_positions, keys_to_plane, patch_grid
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -36,7 +36,7 @@ def test_image_tokens_map_row_major_onto_the_patch_grid():
         values[positions[0][j]] = 1.0
         expected = torch.zeros(grid, grid)
         expected[j // grid, j % grid] = 1.0
-        torch.testing.assert_close(keys_to_grid(values, positions[0], grid), expected)
+        torch.testing.assert_close(keys_to_plane(values, positions[0], grid, grid), expected)
     # the model's own merge puts patch j's projected feature at image token j
     with torch.no_grad():
         features = model.get_image_features(pixel_values=inputs["pixel_values"])

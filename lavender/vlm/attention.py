@@ -158,3 +158,19 @@ def capture_self_attention_rows(
     targets = [(decoder[i].self_attn, decoder[i].self_attn.q_proj, decoder[i].self_attn.k_proj) for i in layers]
     with row_capture_hooks(targets, compute, grad=learned is not None and learned.training):
         yield captured
+
+
+def image_key_positions(input_ids: torch.Tensor, image_token_id: int) -> list[torch.Tensor]:
+    """Per sample, the sequence positions of its image tokens, in order; refuses more than one image."""
+    positions = [row.nonzero().squeeze(-1) for row in input_ids == image_token_id]
+    for b, pos in enumerate(positions):
+        if pos.numel() and (pos.diff() != 1).any():
+            raise ValueError(f"alignment supports one image per sample; sample {b} has several image-token runs")
+    return positions
+
+
+def keys_to_plane(values: torch.Tensor, positions: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(..., S) attention over the sequence -> (..., rows, cols) over one image's tokens, row-major."""
+    if positions.numel() != rows * cols:
+        raise ValueError(f"expected {rows} x {cols} = {rows * cols} image tokens, found {positions.numel()}")
+    return values[..., positions].reshape(*values.shape[:-1], rows, cols)

@@ -13,7 +13,13 @@ from typing import ClassVar
 
 import torch
 
-from lavender.vlm.attention import LearnedProjections, capture_self_attention_rows, self_attention_projections
+from lavender.vlm.attention import (
+    LearnedProjections,
+    capture_self_attention_rows,
+    image_key_positions,
+    keys_to_plane,
+    self_attention_projections,
+)
 
 _ADAPTERS: dict[str, type[VLMAdapter]] = {}
 
@@ -58,8 +64,18 @@ class VLMAdapter(ABC):
 
 
 class SelfAttentionAdapter(VLMAdapter):
-    """A family whose image tokens sit in the text sequence and are read through causal self-attention
-    (LLaVA, Qwen2-VL): every decoder layer is alignable and the rows come from its own q/k projections."""
+    """A family whose image tokens sit in the text sequence, one run per image, row-major over its plane, and
+    are read through causal self-attention (LLaVA, Qwen2-VL): every decoder layer is alignable and the rows
+    come from its own q/k projections. A family says only how large each sample's plane is."""
+
+    @abstractmethod
+    def image_planes(self, batch: dict) -> list[tuple[int, int]]:
+        """(rows, cols) of each sample's image tokens."""
+
+    def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+        planes = self.image_planes(batch)
+        positions = image_key_positions(batch["input_ids"], self.image_token_id)
+        return [keys_to_plane(probs[b], positions[b], *planes[b]) for b in range(probs.shape[0])]
 
     def alignable_layers(self) -> list[int]:
         return list(range(self.model.config.text_config.num_hidden_layers))

@@ -49,8 +49,7 @@ from lavender.vlm.attention import (
     row_capture_hooks,
     text_decoder_layers,
 )
-from lavender.vlm.base import VLMAdapter, register_adapter
-from lavender.vlm.qwen2_vl import image_key_positions, keys_to_plane
+from lavender.vlm.base import SelfAttentionAdapter, register_adapter
 
 
 def full_attention_layers(model) -> list[int]:
@@ -178,7 +177,7 @@ def overview_planes(batch: dict, factor: int) -> list[tuple[int, int]]:
 
 
 @register_adapter
-class MiniCPMVAdapter(VLMAdapter):
+class MiniCPMVAdapter(SelfAttentionAdapter):
     family = "minicpmv"
     model_types = ("minicpmv4_6", "minicpmv4_7", "minicpm_ocr")
 
@@ -191,13 +190,14 @@ class MiniCPMVAdapter(VLMAdapter):
     def learned_projections(self, layers):
         return gated_query_projections(self.model, layers)
 
+    def image_planes(self, batch: dict) -> list[tuple[int, int]]:
+        return overview_planes(batch, token_factor(self.model.config, batch.get("downsample_mode")))
+
     def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
-        planes = overview_planes(batch, token_factor(self.model.config, batch.get("downsample_mode")))
         try:
-            positions = image_key_positions(batch["input_ids"], self.image_token_id)
+            return super().to_image(probs, batch)
         except ValueError as err:
             raise ValueError(f"{err} (slices or several images; use slice_mode=False)") from err
-        return [keys_to_plane(probs[b], positions[b], *planes[b]) for b in range(probs.shape[0])]
 
 
 learned_projections = gated_query_projections

@@ -22,9 +22,12 @@ rotate-half function of its modeling module; the capture reuses that very functi
 
 from __future__ import annotations
 
-import torch
-
-from lavender.vlm.attention import capture_self_attention_rows, self_attention_projections
+from lavender.vlm.attention import (
+    capture_self_attention_rows,
+    image_key_positions,
+    keys_to_plane,
+    self_attention_projections,
+)
 from lavender.vlm.base import SelfAttentionAdapter, register_adapter
 
 
@@ -46,31 +49,13 @@ def image_planes(batch: dict, merge: int) -> list[tuple[int, int]]:
     return planes
 
 
-def image_key_positions(input_ids: torch.Tensor, image_token_id: int) -> list[torch.Tensor]:
-    """Per sample, the sequence positions of its image tokens, in order; refuses more than one image."""
-    positions = [row.nonzero().squeeze(-1) for row in input_ids == image_token_id]
-    for b, pos in enumerate(positions):
-        if pos.numel() and (pos.diff() != 1).any():
-            raise ValueError(f"alignment supports one image per sample; sample {b} has several image-token runs")
-    return positions
-
-
-def keys_to_plane(values: torch.Tensor, positions: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """(..., S) attention over the sequence -> (..., rows, cols) over one image's merged tokens, row-major."""
-    if positions.numel() != rows * cols:
-        raise ValueError(f"expected {rows} x {cols} = {rows * cols} image tokens, found {positions.numel()}")
-    return values[..., positions].reshape(*values.shape[:-1], rows, cols)
-
-
 @register_adapter
 class Qwen2VLAdapter(SelfAttentionAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
 
-    def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
-        planes = image_planes(batch, self.model.config.vision_config.spatial_merge_size)
-        positions = image_key_positions(batch["input_ids"], self.image_token_id)
-        return [keys_to_plane(probs[b], positions[b], *planes[b]) for b in range(probs.shape[0])]
+    def image_planes(self, batch: dict) -> list[tuple[int, int]]:
+        return image_planes(batch, self.model.config.vision_config.spatial_merge_size)
 
 
 learned_projections = self_attention_projections
