@@ -6,6 +6,13 @@ import torch
 import torch.nn.functional as F
 
 
+def word_errors(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-map MSE of (N, R, R) Aligner outputs against (N, R, R) targets: (N,)."""
+    if predicted.shape != targets.shape:
+        raise ValueError(f"Aligner output {tuple(predicted.shape)} and targets {tuple(targets.shape)} differ")
+    return F.mse_loss(predicted.float(), targets.float(), reduction="none").flatten(1).mean(1)
+
+
 def alignment_loss(predicted: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, int]:
     """Mean over matched words of the per-map MSE, and the number of words that counted.
@@ -14,12 +21,10 @@ def alignment_loss(predicted: torch.Tensor, targets: torch.Tensor, valid: torch.
     valid word the loss is a zero that still depends on `predicted`, so a step without targets needs no
     special case and breaks nothing.
     """
-    if predicted.shape != targets.shape:
-        raise ValueError(f"Aligner output {tuple(predicted.shape)} and targets {tuple(targets.shape)} differ")
+    errors = word_errors(predicted, targets)
     if valid is None:
-        valid = torch.ones(predicted.shape[0], dtype=torch.bool, device=predicted.device)
+        valid = torch.ones_like(errors, dtype=torch.bool)
     n = int(valid.sum())
     if n == 0:
         return predicted.sum() * 0.0, 0
-    per_word = F.mse_loss(predicted[valid].float(), targets[valid].float(), reduction="none").flatten(1).mean(1)
-    return per_word.mean(), n
+    return errors[valid].mean(), n

@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 from lavender.align.aligner import AlignerConfig
 from lavender.data.targets import TargetsWriter, write_index, write_store_info
 from lavender.train.data import Collator, StageTwoDataset
+from lavender.train.merge import load_trained
 from lavender.train.objective import AttentionAlignment
+from lavender.train.trainer import load_vlm
 from lavender.utils.maps import min_max
 from lavender.vlm.base import adapter_for
 
@@ -48,24 +50,6 @@ def training_settings(adapter: str) -> dict:
     return json.loads(path.read_text()) if path is not None and path.exists() else {}
 
 
-def _load(cfg: AttentionMapsConfig):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    adapter = Path(cfg.adapter) if cfg.adapter else None
-    if adapter is not None and not (adapter / "adapter_config.json").exists():
-        return AutoModelForImageTextToText.from_pretrained(adapter), AutoProcessor.from_pretrained(adapter)
-    base = cfg.model
-    if not base and adapter is not None:
-        base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = AutoModelForImageTextToText.from_pretrained(base)
-    processor = AutoProcessor.from_pretrained(base)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    return model, processor
-
-
 def _alignment(model, cfg: AttentionMapsConfig, resolution: int) -> AttentionAlignment:
     adapter = adapter_for(model)
     aligner_dir = Path(cfg.adapter) / "aligner" if cfg.adapter else None
@@ -86,7 +70,7 @@ def write_attention_store(cfg: AttentionMapsConfig) -> Path:
     """Run the VLM over the samples and store one map per aligned word (repeated words averaged)."""
     if not (cfg.data and cfg.targets and cfg.out and (cfg.model or cfg.adapter)):
         raise ValueError("--model (or --adapter), --data, --targets and --out are required")
-    model, processor = _load(cfg)
+    model, processor = load_trained(cfg.adapter, cfg.model) if cfg.adapter else load_vlm(cfg.model)
     model.eval()
     adapter = adapter_for(model)
     trained = training_settings(cfg.adapter)  # rows chosen as in training
@@ -95,8 +79,7 @@ def write_attention_store(cfg: AttentionMapsConfig) -> Path:
         instruction=trained.get("instruction", cfg.instruction), match=trained.get("match", "exact"),
         position=trained.get("align_position", "input"))
     alignment = _alignment(model, cfg, data.targets.resolution).eval()
-    tokenizer = getattr(processor, "tokenizer", processor)
-    loader = DataLoader(data, batch_size=cfg.batch_size, collate_fn=Collator(tokenizer.pad_token_id))
+    loader = DataLoader(data, batch_size=cfg.batch_size, collate_fn=Collator.for_processor(processor))
     writer = TargetsWriter(cfg.out, prefix="vlm")
     for batch in tqdm(loader, desc="VLM attention", unit="batch"):
         inputs = {k: v for k, v in batch.inputs.items() if k != "labels"}

@@ -249,6 +249,10 @@ class Collator:
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
+    @classmethod
+    def for_processor(cls, processor) -> Collator:
+        return cls(getattr(processor, "tokenizer", processor).pad_token_id)
+
     def __call__(self, encoded: list[Encoded]) -> Batch:
         length = max(e.inputs["input_ids"].shape[1] for e in encoded)
         inputs: dict[str, torch.Tensor] = {}

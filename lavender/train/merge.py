@@ -7,24 +7,34 @@ import shutil
 from pathlib import Path
 
 
-def merge_adapter(adapter: str | Path, out: str | Path, base: str = "") -> Path:
-    """Load the base model named in the adapter's config (or `base`), merge the adapter, save model and
-    processor to `out`; the Aligner, if any, is copied beside them."""
-    from peft import PeftModel
+def load_trained(path: str | Path, base: str = ""):
+    """Model and processor of a `lavender train` output: a full model loads as it is; a peft adapter is merged
+    into its base model (`base`, or the one the adapter records)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    adapter, out = Path(adapter), Path(out)
-    config = adapter / "adapter_config.json"
+    path = Path(path)
+    config = path / "adapter_config.json"
     if not config.exists():
-        raise FileNotFoundError(f"{adapter} is not a peft adapter directory (no adapter_config.json)")
+        return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    from peft import PeftModel
+
     base = base or json.loads(config.read_text())["base_model_name_or_path"]
-    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), str(adapter))
-    merged = model.merge_and_unload()
+    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), str(path))
+    has_processor = (path / "processor_config.json").exists()
+    return model.merge_and_unload(), AutoProcessor.from_pretrained(path if has_processor else base)
+
+
+def merge_adapter(adapter: str | Path, out: str | Path, base: str = "") -> Path:
+    """Merge a LoRA adapter into its base model (`base`, or the one the adapter records) and save model and
+    processor to `out`; the Aligner, if any, is copied beside them."""
+    adapter, out = Path(adapter), Path(out)
+    if not (adapter / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{adapter} is not a peft adapter directory (no adapter_config.json)")
+    merged, processor = load_trained(adapter, base)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
-    has_processor = (adapter / "processor_config.json").exists()
-    AutoProcessor.from_pretrained(adapter if has_processor else base).save_pretrained(tmp)
+    processor.save_pretrained(tmp)
     if (adapter / "aligner").is_dir():
         shutil.copytree(adapter / "aligner", tmp / "aligner")
     shutil.rmtree(out, ignore_errors=True)

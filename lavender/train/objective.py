@@ -15,6 +15,7 @@ from torch import nn
 
 from lavender.align.aggregate import aggregate, aligner_channels
 from lavender.align.aligner import Aligner, AlignerConfig
+from lavender.align.loss import word_errors
 from lavender.train.data import IGNORE, Batch
 from lavender.utils.maps import min_max
 from lavender.vlm.base import VLMAdapter, adapter_for
@@ -85,8 +86,7 @@ class AttentionAlignment(nn.Module):
         maps, order = self.word_maps(captured, batch)
         predicted = self.predict(maps)
         targets = torch.stack([batch.words[i].target for i in order]).to(predicted)
-        errors = (predicted - targets).pow(2).flatten(1).mean(1)
-        return errors.sum(), len(order)
+        return word_errors(predicted, targets).sum(), len(order)
 
     def aligner_zero(self) -> torch.Tensor:
         """A zero that touches every Aligner parameter, so distributed gradient sync sees them all."""

@@ -193,9 +193,9 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         # not prepared: accelerate would step it once per process
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
         loader = DataLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                            collate_fn=Collator(tokenizer.pad_token_id), drop_last=len(self.dataset) >= cfg.batch_size,
+                            collate_fn=Collator.for_processor(self.processor),
+                            drop_last=len(self.dataset) >= cfg.batch_size,
                             generator=torch.Generator().manual_seed(cfg.seed))
         self.objective, self.optimizer, self.loader = self.accelerator.prepare(objective, optimizer, loader)
         if len(self.loader) == 0:
@@ -271,6 +271,11 @@ class Trainer:
                                         "sum")
         return total.tolist()
 
+    def _stop(self, what: str) -> None:
+        """Keep the state from before this step as the last good one, then stop on every process."""
+        where = self.save_checkpoint(f"checkpoint-{self.progress.step}-last-good")
+        raise TrainingError(f"{what}; stopped. Last good state: {where}")
+
     def train_step(self, micro: list[Batch]) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         train_vlm = self.progress.step >= cfg.aligner_pretrain_steps
@@ -288,18 +293,14 @@ class Trainer:
                     loss = loss + cfg.lam * out["att_sum"] * (world / max(words, 1))
                 lm, att = float(out["lm_sum"].detach()), float(out.get("att_sum", torch.zeros(())).detach())
                 if self._global([float(not math.isfinite(lm + att))])[0]:
-                    where = self.save_checkpoint(f"checkpoint-{self.progress.step}-last-good")
-                    raise TrainingError(f"non-finite loss at step {self.progress.step + 1} (L_VLM sum {lm}, "
-                                        f"L_att sum {att}); stopped. Last good state: {where}")
+                    self._stop(f"non-finite loss at step {self.progress.step + 1} (L_VLM sum {lm}, L_att sum {att})")
                 acc.backward(loss)
             lm_total, att_total = lm_total + lm, att_total + att
         lr = self.scheduler.get_last_lr()[0]
         if cfg.max_grad_norm > 0:
             norm = float(acc.clip_grad_norm_(self.objective.parameters(), cfg.max_grad_norm))
             if not math.isfinite(norm):
-                where = self.save_checkpoint(f"checkpoint-{self.progress.step}-last-good")
-                raise TrainingError(f"non-finite gradient norm at step {self.progress.step + 1}; stopped. "
-                                    f"Last good state: {where}")
+                self._stop(f"non-finite gradient norm at step {self.progress.step + 1}")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

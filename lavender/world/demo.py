@@ -20,12 +20,16 @@ from lavender.world.data import WorldDataConfig, read_masks, write_world
 from lavender.world.scenes import word_type
 
 
+def _shipped(name: str, marker: str, what: str) -> Path:
+    path = Path(str(resources.files("lavender.world") / "pretrained" / name))
+    if not (path / marker).exists():
+        raise FileNotFoundError(f"the shipped {what} is missing at {path}")
+    return path
+
+
 def shipped_teacher() -> Path:
     """Directory of the shapes teacher that ships with the package."""
-    path = Path(str(resources.files("lavender.world") / "pretrained" / "shapes-teacher"))
-    if not (path / "model_index.json").exists():
-        raise FileNotFoundError(f"the shipped shapes teacher is missing at {path}")
-    return path
+    return _shipped("shapes-teacher", "model_index.json", "shapes teacher")
 
 
 def evaluate_split(store: Path, masks_file: Path) -> dict:
@@ -50,10 +54,7 @@ def format_report(report: dict) -> str:
 
 def shipped_vlm() -> Path:
     """Directory of the shapes world's base VLM (Mllama layout) that ships with the package."""
-    path = Path(str(resources.files("lavender.world") / "pretrained" / "shapes-vlm"))
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"the shipped shapes base VLM is missing at {path}")
-    return path
+    return _shipped("shapes-vlm", "config.json", "shapes base VLM")
 
 
 def vlm_grounding(out: Path, world: Path, stores: dict[str, Path], adapter: Path | None, aligner: bool,
