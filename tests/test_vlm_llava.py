@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vlm_testers import IMAGE_TOKEN, llava_inputs, tiny_llava
+from vlm_testers import IMAGE_TOKEN, check_learned_rows, llava_inputs, tiny_llava
 
 from lavender.vlm.llava import capture_self_attention_rows, image_key_positions, keys_to_plane, patch_grid
 
@@ -54,22 +54,5 @@ def test_learned_projections_start_equal_and_move_only_the_loss_attention():
     model = tiny_llava("sdpa")
     for p in model.parameters():
         p.requires_grad_(False)
-    learned = learned_projections(model, [1])
-    inputs = llava_inputs()
-    rows = torch.tensor([19, 22])
-    with torch.no_grad():
-        with capture_self_attention_rows(model, [1], rows) as own:
-            reference = model(**inputs).logits
-        with capture_self_attention_rows(model, [1], rows, learned=learned) as parallel:
-            model(**inputs)
-    torch.testing.assert_close(parallel[1], own[1], atol=1e-6, rtol=1e-6)
-    with capture_self_attention_rows(model, [1], rows, learned=learned) as parallel:
-        model(**inputs)
-    parallel[1][..., 5].sum().backward()
-    assert learned.q["1"].weight.grad.abs().sum() > 0 and learned.k["1"].weight.grad.abs().sum() > 0
-    with torch.no_grad():
-        learned.k["1"].weight.add_(0.5 * torch.randn_like(learned.k["1"].weight))
-        with capture_self_attention_rows(model, [1], rows, learned=learned) as moved:
-            after = model(**inputs).logits
-    assert (moved[1] - own[1]).abs().max() > 1e-3
-    torch.testing.assert_close(after, reference)
+    check_learned_rows(model, capture_self_attention_rows, learned_projections(model, [1]), 1,
+                       torch.tensor([19, 22]), llava_inputs(), key=5)

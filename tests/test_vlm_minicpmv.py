@@ -16,6 +16,7 @@ from minicpmv_testers import (
     prompt,
     tiny_minicpmv,
 )
+from vlm_testers import check_learned_rows
 
 from lavender.vlm.base import adapter_for, supported_model_types
 from lavender.vlm.minicpmv import GatedQueryProjections, capture_gated_attention_rows, learned_projections
@@ -138,22 +139,7 @@ def test_learned_projections_start_equal_and_move_only_the_loss_attention():
     hidden = torch.randn(2, 5, 32)
     query, _ = attn.q_proj(hidden).view(2, 5, 4, 16).chunk(2, dim=-1)  # as the layer splits it
     torch.testing.assert_close(learned.q["2"](hidden).view(2, 5, 4, 8), query, atol=1e-6, rtol=1e-6)
-    with torch.no_grad():
-        with capture_gated_attention_rows(model, [2], rows) as own:
-            reference = model(**inputs).logits
-        with capture_gated_attention_rows(model, [2], rows, learned=learned) as parallel:
-            model(**inputs)
-    torch.testing.assert_close(parallel[2], own[2], atol=1e-6, rtol=1e-6)
-    assert parallel[2].requires_grad  # the model ran without a graph, the learned rows still have one
-    parallel[2][..., image_key].sum().backward()
-    for proj in (learned.q["2"], learned.k["2"]):
-        assert proj.weight.grad.abs().sum() > 0 and proj.bias.grad.abs().sum() > 0
-    with torch.no_grad():
-        learned.k["2"].weight.add_(0.5 * torch.randn_like(learned.k["2"].weight))
-        with capture_gated_attention_rows(model, [2], rows, learned=learned) as moved:
-            after = model(**inputs).logits
-    assert (moved[2] - own[2]).abs().max() > 1e-3
-    assert torch.equal(after, reference)
+    check_learned_rows(model, capture_gated_attention_rows, learned, 2, rows, inputs, key=image_key, biased=True)
 
 
 def test_adapter_for_picks_the_family_and_maps_every_sample():

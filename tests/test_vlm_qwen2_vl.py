@@ -17,6 +17,7 @@ from qwen2_vl_testers import (
     save_tiny_qwen2_vl,
     tiny_qwen2_vl,
 )
+from vlm_testers import check_learned_rows
 
 from lavender.vlm.base import adapter_for, supported_model_types
 from lavender.vlm.qwen2_vl import capture_self_attention_rows, learned_projections
@@ -124,24 +125,8 @@ def test_learned_projections_start_equal_and_move_only_the_loss_attention():
 
     for p in model.parameters():
         p.requires_grad_(False)
-    learned = learned_projections(model, [1])
-    with torch.no_grad():
-        with capture_self_attention_rows(model, [1], rows) as own:
-            reference = model(**inputs).logits
-        with capture_self_attention_rows(model, [1], rows, learned=learned) as parallel:
-            model(**inputs)
-    torch.testing.assert_close(parallel[1], own[1], atol=1e-6, rtol=1e-6)
-    with capture_self_attention_rows(model, [1], rows, learned=learned) as parallel:
-        model(**inputs)
-    parallel[1][..., image_key].sum().backward()
-    for proj in (learned.q["1"], learned.k["1"]):
-        assert proj.weight.grad.abs().sum() > 0 and proj.bias.grad.abs().sum() > 0
-    with torch.no_grad():
-        learned.k["1"].weight.add_(0.5 * torch.randn_like(learned.k["1"].weight))
-        with capture_self_attention_rows(model, [1], rows, learned=learned) as moved:
-            after = model(**inputs).logits
-    assert (moved[1] - own[1]).abs().max() > 1e-3
-    assert torch.equal(after, reference)
+    check_learned_rows(model, capture_self_attention_rows, learned_projections(model, [1]), 1, rows, inputs,
+                       key=image_key, biased=True)
 
 
 def test_adapter_for_picks_the_family_and_maps_every_sample():

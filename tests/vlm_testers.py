@@ -103,3 +103,34 @@ def save_tiny_llava(out, attn: str = "sdpa"):
     LlavaForConditionalGeneration(config).save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def check_learned_rows(model, capture, learned, layer: int, rows: torch.Tensor, inputs: dict, key: int,
+                       move: str = "k", biased: bool = False) -> None:
+    """The `learn` projections of one layer: at the start their rows equal the layer's own (1e-6) and keep a
+    graph even when the model runs without one; a loss on them reaches W_Qd and W_Kd (and their biases, which a
+    `biased` family must have);
+    moving one (`move`: "q" or "k") changes the loss's rows but leaves the model's logits exactly as they were."""
+    name = str(layer)
+    with torch.no_grad():
+        with capture(model, [layer], rows) as own:
+            reference = model(**inputs).logits
+        with capture(model, [layer], rows, learned=learned) as parallel:
+            model(**inputs)
+    torch.testing.assert_close(parallel[layer], own[layer], atol=1e-6, rtol=1e-6)
+    assert parallel[layer].requires_grad
+    with capture(model, [layer], rows, learned=learned) as parallel:
+        logits = model(**inputs).logits
+    parallel[layer][..., key].sum().backward()
+    for proj in (learned.q[name], learned.k[name]):
+        assert proj.weight.grad.abs().sum() > 0
+        if biased:
+            assert proj.bias.grad.abs().sum() > 0
+    with torch.no_grad():
+        weight = getattr(learned, move)[name].weight
+        weight.add_(0.5 * torch.randn_like(weight))
+        with capture(model, [layer], rows, learned=learned) as moved:
+            after = model(**inputs).logits
+    assert (moved[layer] - own[layer]).abs().max() > 1e-3  # the loss's attention moved...
+    assert torch.equal(after, reference)  # ...and the model's did not
+    torch.testing.assert_close(logits.detach(), reference)
