@@ -291,11 +291,13 @@ class Trainer:
                     loss = loss + out["lm_sum"] * (world / max(tokens, 1))
                 if "att_sum" in out:
                     loss = loss + cfg.lam * out["att_sum"] * (world / max(words, 1))
-                lm, att = float(out["lm_sum"].detach()), float(out.get("att_sum", torch.zeros(())).detach())
-                if self._global([float(not math.isfinite(lm + att))])[0]:
-                    self._stop(f"non-finite loss at step {self.progress.step + 1} (L_VLM sum {lm}, L_att sum {att})")
                 acc.backward(loss)
-            lm_total, att_total = lm_total + lm, att_total + att
+            lm_total += float(out["lm_sum"].detach())
+            att_total += float(out.get("att_sum", torch.zeros(())).detach())
+        # one reduction serves the logs and the check: a NaN or Inf anywhere makes the global sums non-finite
+        lm_sum, att_sum = self._global([lm_total, att_total])
+        if not math.isfinite(lm_sum + att_sum):
+            self._stop(f"non-finite loss at step {self.progress.step + 1} (L_VLM sum {lm_sum}, L_att sum {att_sum})")
         lr = self.scheduler.get_last_lr()[0]
         if cfg.max_grad_norm > 0:
             norm = float(acc.clip_grad_norm_(self.objective.parameters(), cfg.max_grad_norm))
@@ -304,15 +306,10 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        lm_sum, att_sum = self._global([lm_total, att_total])
         metrics = {"L_VLM": lm_sum / max(tokens, 1), "lr": lr}
-        if self.objective_alignment is not None:
+        if cfg.aligns:
             metrics |= {"L_att": att_sum / max(words, 1), "matched_words": words}
         return metrics
-
-    @property
-    def objective_alignment(self):
-        return self.accelerator.unwrap_model(self.objective).alignment
 
     def _log(self, metrics: dict, micro: list[Batch]) -> None:
         step_events = sum((b.events for b in micro), Counter())
