@@ -56,13 +56,20 @@ def cmd_export(args: argparse.Namespace) -> None:
     from lavender.data.samples import read_samples
 
     names = {s.id: s.image_name for s in read_samples(args.data, args.image_root)} if args.data else None
-    print(export_authors_layout(args.targets, args.out, names))
+    print(export_authors_layout(args.targets, args.out, names, overwrite=args.overwrite))
 
 
 def cmd_import(args: argparse.Namespace) -> None:
     from lavender.data.authors_layout import import_authors_layout
+    from lavender.data.targets import AttentionTargets
 
-    print(import_authors_layout(args.root, args.out, args.diffusion_model))
+    store = import_authors_layout(args.root, args.out, args.diffusion_model, frame=args.frame)
+    if AttentionTargets(store).frame == "unknown":
+        log.warning("the imported maps' image frame is unknown, so stage 2 cannot tell which part of each image "
+                    "a map covers and will take it as the whole image. If you know how the maps were made, import "
+                    "again with --frame full (maps of the whole image) or --frame center-square (maps of the centred "
+                    "square crop), or set \"frame\" in the settings of %s", store / "store.json")
+    print(store)
 
 
 def cmd_world_data(args: argparse.Namespace) -> None:
@@ -170,11 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="root of the JPEG tree")
     p.add_argument("--data", default="", help="the data, to name image folders after image files")
     p.add_argument("--image-root", default=None, help="directory image paths are relative to")
+    p.add_argument("--overwrite", action="store_true", help="delete the contents of a non-empty --out first")
     p.set_defaults(func=cmd_export)
+    from lavender.data.targets import FRAMES
+
     p = tg.add_parser("import", help="read the authors' per-word JPEG layout into a store")
     p.add_argument("--root", required=True, help="root of the JPEG tree")
     p.add_argument("--out", required=True, help="new targets store directory")
     p.add_argument("--diffusion-model", default="unknown", help="model the maps came from, for the record")
+    p.add_argument("--frame", choices=FRAMES, default="unknown",
+                   help="which region of each original (EXIF-upright) image the maps cover: 'full' the whole image, "
+                        "'center-square' its centred square of side min(width, height). Stage 2 must know it to "
+                        "lay each map over the part of the image it describes; the authors' JPEGs do not say. "
+                        "A tree exported by lavender records its own frame (default: unknown)")
     p.set_defaults(func=cmd_import)
 
     wd = sub.add_parser("world", help="the shapes world: data, teacher, base VLM, oracle").add_subparsers(dest="world",

@@ -81,6 +81,8 @@ def test_extract_end_to_end_and_bad_input(tiny_sd, tiny_world, tmp_path, caplog)
             {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "  "}]},
         {"id": "long", "image": records[1]["image"], "conversations": [
             {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": long_caption}]},
+        {"id": "two-images", "image": [records[0]["image"], records[1]["image"]],
+         "conversations": records[0]["conversations"]},
     ]
     data = tiny_world / "bad.json"
     data.write_text(json.dumps(records))
@@ -89,7 +91,8 @@ def test_extract_end_to_end_and_bad_input(tiny_sd, tiny_world, tmp_path, caplog)
     targets = AttentionTargets(root)
     assert len(targets) == 7  # 6 good + the truncated one
     assert {f["id"]: f["reason"].split(":")[0] for f in targets.failures()} == {
-        "missing": "image not found", "corrupt": "unreadable image", "empty": "empty caption"}
+        "missing": "image not found", "corrupt": "unreadable image", "empty": "empty caption",
+        "two-images": "several images"}
     assert any("truncated" in r.getMessage() and "long" in r.getMessage() for r in caplog.records)
     assert "zebra" not in targets["long"] and "red" in targets["long"]
     first = records[0]
@@ -101,6 +104,58 @@ def test_extract_end_to_end_and_bad_input(tiny_sd, tiny_world, tmp_path, caplog)
         assert m.min() == pytest.approx(0, abs=1e-3) and m.max() == pytest.approx(1, abs=1e-3)
     info = json.loads((Path(root) / "store.json").read_text())
     assert info["diffusion_model"] == tiny_sd and info["settings"]["resolution"] == 8
+    assert targets.frame == "full" and targets.image_size(first["id"]) == (32, 32)
+
+
+def test_each_image_is_encoded_whole_at_its_own_aspect(tiny_sd, tmp_path, monkeypatch):
+    """A batch of a wide, a tall and a square photo: each reaches the VAE whole, at its own aspect (no crop),
+    images of one input size share a UNet batch, and every map comes back R x R with the original size kept."""
+    from PIL import Image
+
+    sizes = {"wide": (96, 64), "tall": (48, 80), "square": (64, 64), "square2": (50, 50)}
+    records = []
+    for name, size in sizes.items():
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / f"{name}.png")
+        records.append({"id": name, "image": f"{name}.png", "caption": "a red square"})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    seen = []
+    original = Extractor.run
+
+    def spy(self, images, texts, size):
+        seen.append((sorted(im.size for im in images), size))
+        return original(self, images, texts, size)
+
+    monkeypatch.setattr(Extractor, "run", spy)
+    root = run_extract(_config(tiny_sd, tmp_path / "data.json", tmp_path / "store", image_size=64))
+    targets = AttentionTargets(root)
+    for name, size in sizes.items():
+        assert targets.image_size(name) == size
+        assert all(m.shape == (8, 8) for m in targets[name].values())
+    inputs = {tuple(s) for _, s in seen}
+    by_image = {tuple(map(tuple, ims)): s for ims, s in seen}
+    assert by_image[((50, 50), (64, 64))] == (64, 64)  # both squares in one UNet batch
+    wide, tall = by_image[((96, 64),)], by_image[((48, 80),)]
+    assert wide[0] > wide[1] and tall[0] < tall[1] and len(inputs) == 3
+    assert abs(wide[0] / wide[1] - 1.5) < 0.25 and abs(tall[0] / tall[1] - 0.6) < 0.15
+
+
+def test_words_the_teacher_does_not_know_are_counted():
+    """Captions of real photos through the shapes teacher: unknown or many-piece words are named and counted."""
+    from transformers import AutoTokenizer
+
+    from lavender.diffusion.extract import VocabularyReport
+    from lavender.world.demo import shipped_teacher
+
+    tokenizer = AutoTokenizer.from_pretrained(shipped_teacher() / "tokenizer")
+    report = VocabularyReport(tokenizer)
+    report.add("a red circle left of a blue square")
+    assert report.summary() == ""  # the shapes world's own words
+    report.add("a tabby cat sleeping on a windowsill")
+    summary = report.summary()
+    assert report.words["words"] == 8 + 7 and report.words["unknown"] + report.words["split"] >= 4
+    for word in ("tabby", "sleeping", "windowsill"):
+        assert word in summary
+    assert "red" not in summary and "circle" not in summary
 
 
 def test_settings_mismatch_is_refused(tiny_sd, tiny_world, tmp_path):

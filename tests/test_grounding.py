@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from lavender.eval.grounding import chance_pointing, entropy, grounding_scores, iou, mask_to_grid, pointing
+from lavender.eval.grounding import (
+    chance_pointing,
+    entropy,
+    grounding_scores,
+    iou,
+    mask_to_grid,
+    pointing,
+    store_grounding,
+)
 
 T, F = True, False
 
@@ -181,3 +189,41 @@ def test_chance_pointing_matches_random_argmax_pointing():
             amap[k] = 1
             cells.append(pointing(amap.reshape(res, res), grid))
     assert chance_pointing(masks, res)["all"] == pytest.approx(np.mean(cells))
+
+
+def test_a_centre_square_store_is_scored_on_its_square():
+    """A map of the centre square of a 96 x 64 image, pointing at an object in that square, scores 1 against
+    the full-frame mask once the mask is cut to the store's frame; read as a whole-image map it would miss."""
+    mask = np.zeros((64, 96), bool)
+    mask[8:24, 20:32] = True  # inside the centre square (x 16..80): its cells 1..3 of 16 along x, 2..5 along y
+    amap = np.zeros((16, 16), np.float32)
+    amap[4, 2] = 1.0  # x 24..28 of the image in the square's frame; x 12..18 (outside the mask) in the full frame
+    masks = {"s": {"red": mask}}
+    assert grounding_scores([("s", {"red": amap})], masks, frame="center-square")["all"]["pointing"] == 1.0
+    assert grounding_scores([("s", {"red": amap})], masks, frame="full")["all"]["pointing"] == 0.0
+    outside = np.zeros((64, 96), bool)
+    outside[0:10, 0:10] = True  # entirely left of the square: not scored at all
+    assert grounding_scores([("s", {"red": amap})], {"s": {"red": outside}}, frame="center-square") == {}
+
+
+def test_a_non_square_world_grounds_like_the_square_one(tmp_path):
+    """The shipped teacher over the same scenes drawn at 64 x 64 and at 96 x 64: stage 1 sees the whole wide
+    image, and its maps, scored against full-frame masks, point at the objects about as often as the square
+    world's (a centre crop would lose the objects in the side thirds)."""
+    from lavender.data.targets import AttentionTargets
+    from lavender.diffusion.extract import ExtractConfig, run_extract
+    from lavender.world.data import WorldDataConfig, read_masks, write_world
+    from lavender.world.demo import shipped_teacher
+
+    pointing = {}
+    for name, (width, height) in {"square": (64, 64), "wide": (96, 64)}.items():
+        world = write_world(WorldDataConfig(out=str(tmp_path / name), width=width, height=height, train=1, test=16,
+                                            ood=1, seed=3))
+        store = run_extract(ExtractConfig(diffusion=str(shipped_teacher()), data=str(world / "test.json"),
+                                          out=str(tmp_path / f"{name}-store"), resolution=16, device="cpu"))
+        targets = AttentionTargets(store)
+        assert targets.frame == "full" and targets.image_size("test-000000") == (width, height)
+        report = store_grounding(targets, read_masks(world / "masks-test.safetensors"))
+        pointing[name] = report["all"]["pointing"]
+    assert pointing["square"] > 0.8  # measured 0.93 on 150 scenes
+    assert pointing["wide"] > pointing["square"] - 0.1  # measured 0.94 on 150 scenes

@@ -100,3 +100,30 @@ def test_attention_loss_reaches_the_query_projections(setup):
     assert layers[1].self_attn.v_proj.weight.grad is None or layers[1].self_attn.v_proj.weight.grad.abs().sum() == 0
     with pytest.raises(ValueError, match="cannot be aligned"):
         build_objective(model, True, (7,), "mean-mean", AlignerConfig(resolution=16))
+
+
+def test_attention_is_cut_to_the_samples_plane_box(setup):
+    """`word_maps` resamples each sample's plane over its `plane_box` only (letterbox padding left out): with a
+    box of the plane's top half, the maps equal the top half of the plane stretched to R x R."""
+    import dataclasses
+
+    from transformers import AutoModelForImageTextToText
+
+    from lavender.data.frame import CommonView, resample
+
+    model_dir, batch = setup
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    objective = build_objective(model, True, (1,), "mean-mean", AlignerConfig(resolution=16))
+    top = CommonView(image=(0.0, 0.0, 1.0, 1.0), in_target=(0.0, 0.0, 1.0, 1.0), in_plane=(0.0, 0.0, 0.5, 1.0))
+    halved = dataclasses.replace(batch, views=[top] * len(batch.sample_ids))
+    alignment = objective.alignment
+    with torch.no_grad(), alignment.capture(batch) as captured:
+        model(**{k: v for k, v in batch.inputs.items() if k != "labels"})
+        whole, order = alignment.word_maps(captured, batch)
+        cut, _ = alignment.word_maps(captured, halved)
+    assert not torch.allclose(whole, cut)
+    plane = alignment.adapter.to_image(captured[1], batch.inputs)  # per sample (heads, rows, 4, 4)
+    first = order[0]
+    b, rows = int(batch.word_sample[first]), batch.words[first].rows
+    word = torch.stack([plane[b][:, alignment._rows[r]] for r in rows]).mean(0).mean(0).float()  # (4, 4)
+    torch.testing.assert_close(cut[0, 0, 0], resample(word, (0.0, 0.0, 0.5, 1.0), 16))

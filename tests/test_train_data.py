@@ -13,7 +13,18 @@ from vlm_testers import save_tiny_llava
 
 from lavender.data.samples import Sample, read_samples
 from lavender.data.targets import AttentionTargets, TargetsWriter, write_index, write_store_info
-from lavender.train.data import IGNORE, Collator, StageTwoDataset, chat, unexpanded_offsets
+from lavender.train.data import (
+    IGNORE,
+    NO_ANSWER,
+    Collator,
+    NoSamplesError,
+    StageTwoDataset,
+    chat,
+    read_training_samples,
+    reason_counts,
+    unexpanded_offsets,
+    valid_target,
+)
 from lavender.world.oracle import write_oracle_store
 
 
@@ -163,3 +174,194 @@ def test_a_sample_the_processor_rejects_is_skipped(processor, tmp_path, monkeypa
                         else real(s, im))
     enc = data[0]
     assert enc.sample_id == "1" and enc.events["samples the processor rejected"] == 1
+
+
+# -- guards: nothing to answer, answers cut off, system turns, invalid maps, refused records, coverage ----------
+def _red(size: int = 32):
+    return lambda: Image.new("RGB", (size, size), "red")
+
+
+def test_samples_without_an_answer_are_refused_not_encoded(processor):
+    samples = [Sample("caption-less", _red()),
+               Sample("empty-turn", _red(), turns=[("user", "Describe the image."), ("assistant", "")]),
+               Sample("image-tag-only", _red(), turns=[("user", "Describe it."), ("assistant", "<image> ")]),
+               Sample("ok", _red(), caption="a red circle")]
+    data = _dataset(processor, samples)
+    assert [s.id for s in data.samples] == ["ok"]
+    assert [(r.id, r.reason) for r in data.refused] == [(i, NO_ANSWER) for i in
+                                                        ("caption-less", "empty-turn", "image-tag-only")]
+    assert data.events["samples without an answer"] == 3
+    assert data[0].sample_id == "ok"
+
+
+def test_an_empty_turn_among_answers_gets_no_labels(processor):
+    sample = Sample("multi", _red(), turns=[("user", "Describe the image."), ("assistant", ""),
+                                            ("user", "What colour?"), ("assistant", "red")])
+    enc = _dataset(processor, [sample])[0]
+    labels = enc.inputs["labels"][0]
+    # the empty turn's end-of-turn mark is not taught, only the real answer with its own
+    assert processor.tokenizer.decode(labels[labels != IGNORE]).split() == ["red", "<|eot_id|>"]
+
+
+def test_an_answer_cut_off_by_max_length_is_skipped(processor):
+    sample = Sample("long", _red(), caption="a red circle left of a blue square")
+    full = _dataset(processor, [sample])[0].inputs
+    first_label = int((full["labels"][0] != IGNORE).nonzero()[0])
+    data = _dataset(processor, [sample], max_length=first_label)  # keeps the image, cuts every answer token
+    enc = data.encode(sample, sample.load_image())
+    assert not enc.inputs
+    assert enc.events["samples whose answer was cut off"] == 1 and enc.events["truncated samples"] == 1
+    with pytest.raises(RuntimeError, match="answer was cut off"):
+        data[0]
+    kept = _dataset(processor, [sample], max_length=first_label + 1)[0]  # one answer token left: trained on
+    assert int((kept.inputs["labels"] != IGNORE).sum()) == 1
+
+
+def test_system_turns_come_first_and_the_image_in_the_first_user_turn(processor):
+    sample = Sample("sys", _red(), question="What colour?", answer="red",
+                    turns=[("system", "Answer in one word."), ("user", "What colour?"), ("assistant", "red")])
+    messages = chat(sample, "Describe the image.")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert messages[0]["content"] == [{"type": "text", "text": "Answer in one word."}]
+    assert [c["type"] for c in messages[1]["content"]] == ["image", "text"]
+    enc = _dataset(processor, [sample])[0]
+    ids, labels = enc.inputs["input_ids"][0], enc.inputs["labels"][0]
+    assert processor.tokenizer.decode(ids).startswith("system : answer in one word . user : <|image|>")
+    assert processor.tokenizer.decode(labels[labels != IGNORE]).split() == ["red", "<|eot_id|>"]
+
+
+def test_invalid_maps_are_skipped_and_counted_like_missing_ones(processor, tmp_path):
+    nearly = np.zeros((8, 8))
+    nearly[0, 0] = -4e-4  # storage rounding around a min-max normalised map is tolerated
+    bad = {"red": np.full((8, 8), np.nan), "circle": np.full((8, 8), np.inf), "left": np.full((8, 8), 5.0),
+           "blue": np.full((8, 8), -0.5)}
+    store = _store(tmp_path / "s", 8, {"x": {**bad, "square": nearly}})
+    sample = Sample("x", _red(), caption="a red circle left of a blue square")
+    enc = _dataset(processor, [sample], store)[0]
+    assert [w.word for w in enc.words] == ["square"]
+    assert enc.events["invalid targets"] == 4
+    assert enc.events["words without a target"] == 7  # a, of, a and the four invalid ones
+    assert valid_target(np.linspace(0, 1, 64).reshape(8, 8)) and not valid_target(np.full((8, 8), 1.01))
+
+
+def _write_records(path, records, images: dict[str, str]) -> str:
+    for name, colour in images.items():
+        Image.new("RGB", (32, 32), colour).save(path.parent / name)
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def _record(sample_id, answer="a red circle", **extra):
+    return {"id": sample_id, "image": "red.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": answer}]} | extra
+
+
+def test_refused_records_are_named_with_their_reason(processor, tmp_path):
+    two_images = _record("two", images=["red.png", "red.png"])
+    del two_images["image"]
+    records = [_record("ok"), _record("empty", answer=""), {"id": "no-image", "conversations": []}, two_images,
+               _record("ok", answer="a second record with this id")]
+    data = _write_records(tmp_path / "d.json", records, {"red.png": "red"})
+    samples, refused = read_training_samples(data)
+    assert [s.id for s in samples] == ["ok"]
+    reasons = {r.id: r.reason for r in refused}
+    assert set(reasons) == {"empty", "no-image", "two", "ok"} and reasons["empty"] == NO_ANSWER
+    assert all(r.reason for r in refused)
+    counts = reason_counts(refused)
+    assert sum(counts.values()) == 4 and counts["no answer"] == 1
+    dataset = StageTwoDataset.from_paths(data, processor, 0, instruction="Describe.", max_length=128)
+    assert [r.id for r in dataset.refused] == [r.id for r in refused]
+
+    nothing = _write_records(tmp_path / "bad.json", records[1:4], {})
+    with pytest.raises(NoSamplesError, match=r"no usable sample \(3 records refused; .*no answer: 1"):
+        StageTwoDataset.from_paths(nothing, processor, 0, instruction="Describe.", max_length=128)
+
+
+def test_coverage_counts_ids_and_the_words_of_a_probe(processor, tmp_path):
+    samples = [Sample(str(i), _red(), caption="a red circle") for i in range(6)]
+    maps = {"red": np.ones((8, 8)), "circle": np.ones((8, 8)), "zebra": np.ones((8, 8))}
+    store = _store(tmp_path / "s", 8, {"0": maps, "3": maps, "elsewhere": maps})
+    coverage = _dataset(processor, samples, store).coverage(probe=1)
+    assert (coverage.samples, coverage.with_targets, coverage.probed) == (6, 2, 1)
+    assert (coverage.target_words, coverage.matched_words) == (3, 2)  # "zebra" is not in the caption
+    assert "2/6 training samples (33%) have targets" in str(coverage)
+    full = _dataset(processor, samples, store).coverage()
+    assert (full.probed, full.target_words, full.matched_words) == (2, 6, 4)
+
+
+def test_targets_are_compared_on_the_part_of_the_image_the_vlm_sees(processor, tmp_path):
+    """A 48 x 32 image through LLaVA's CLIP processor, which centre-crops the middle 32 x 32: the target of a
+    whole-image store is cut to its middle two thirds (and renormalised), the batch says which part of the plane
+    and of the image that is, and a centre-square store's target is used as it is. A store whose frame misses
+    what the VLM sees is counted, never compared."""
+    from lavender.data.frame import FULL, ImageView, resample
+    from lavender.utils.maps import min_max
+    from lavender.vlm.llava import LlavaAdapter
+
+    Image.new("RGB", (48, 32), (200, 40, 40)).save(tmp_path / "wide.png")
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "w", "image": "wide.png", "caption": "a red square"}]))
+    samples = read_samples(tmp_path / "d.json")
+    target = np.zeros((6, 6), np.float32)
+    target[1, 4] = 1.0  # right of the middle
+    target[5, 0] = 0.5  # in the left sixth, which the crop drops
+
+    def store(frame: str):
+        root = tmp_path / frame
+        writer = TargetsWriter(root)
+        writer.add("w", {"red": target, "square": target}, image_size=(48, 32))
+        writer.flush()
+        write_store_info(root, {"resolution": 6, "text": "caption", "frame": frame}, "test")
+        write_index(root)
+        return AttentionTargets(root)
+
+    data = _dataset(processor, samples, store("full"), view=LlavaAdapter.image_view)
+    enc = data[0]
+    assert enc.view.image == pytest.approx((0.0, 1 / 6, 1.0, 5 / 6))
+    assert enc.view.in_target == pytest.approx((0.0, 1 / 6, 1.0, 5 / 6)) and enc.view.in_plane == FULL
+    expected = min_max(resample(torch.from_numpy(target), enc.view.in_target, 6)[None])[0]
+    red = next(w for w in enc.words if w.word == "red")
+    torch.testing.assert_close(red.target, expected)
+    assert red.target[:, 0].max() < 0.5 and int(red.target.argmax()) // 6 == 1  # the dropped sixth is gone
+    batch = Collator.for_processor(processor)([enc, enc])
+    assert batch.plane_boxes == [FULL, FULL] and batch.image_boxes == [enc.view.image] * 2
+
+    square = _dataset(processor, samples, store("center-square"), view=LlavaAdapter.image_view)[0]
+    assert square.view.in_target == pytest.approx(FULL)  # the crop is exactly the centre square
+    torch.testing.assert_close(next(w for w in square.words if w.word == "red").target, torch.from_numpy(target))
+
+    def top_band(processor, size, inputs):  # a made-up family that shows only the image's top quarter
+        return ImageView(plane=FULL, image=(0.0, 0.0, 0.25, 1.0))
+
+    far = store("center-square")
+    missed = _dataset(processor, samples, far, view=lambda p, s, i: ImageView(image=(0.0, 0.0, 1.0, 0.1)))[0]
+    assert missed.words == [] and missed.events["targets outside the VLM's view"] == 1
+    band = _dataset(processor, samples, store("full"), view=top_band)[0]
+    assert band.view.in_target == pytest.approx((0.0, 0.0, 0.25, 1.0))
+
+
+@pytest.mark.parametrize("spelling", ["llava", "role-content", "typed-parts", "messages-jsonl"])
+def test_every_conversation_spelling_gives_the_llava_labels(processor, tmp_path, spelling):
+    """The same two-turn conversation written in each accepted spelling encodes to the same input ids and labels."""
+    Image.new("RGB", (40, 30), (30, 200, 40)).save(tmp_path / "g.png")
+    question, answer = "what colour is the square ?", "green ."
+    spelled = {
+        "llava": {"id": "s", "image": "g.png", "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]},
+        "role-content": {"id": "s", "images": ["g.png"], "messages": [
+            {"role": "user", "content": f"<image>{question}"}, {"role": "assistant", "content": answer}]},
+        "typed-parts": {"id": "s", "images": ["g.png"], "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}]},
+    }
+    spelled["messages-jsonl"] = spelled["role-content"]
+
+    def encode(record, name):
+        path = tmp_path / name
+        path.write_text(json.dumps(record) + "\n" if name.endswith(".jsonl") else json.dumps([record]))
+        return _dataset(processor, read_samples(path))[0]
+
+    reference = encode(spelled["llava"], "llava.json")
+    got = encode(spelled[spelling], f"{spelling}.jsonl" if spelling.endswith("jsonl") else f"{spelling}.json")
+    assert (got.inputs["labels"] != IGNORE).sum() > 1
+    assert torch.equal(got.inputs["input_ids"], reference.inputs["input_ids"])
+    assert torch.equal(got.inputs["labels"], reference.inputs["labels"])

@@ -2,26 +2,45 @@
 
 Every reader yields `Sample`s with the image left unopened, so that a missing or
 corrupt file is found (and reported) where the image is used, not while listing.
+
+A record that cannot be used (several images, no image, an unknown role, a malformed
+structure, a repeated id) does not stop the reading: it becomes a `Sample` whose `problem`
+says why, and `read_samples` leaves it out, hands it to the caller on request and logs
+one summary.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
 
+from lavender.data.images import image_loader, load_image
+
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 TEXT_SOURCES = ("caption", "question", "question+answer")
 _IMAGE_TAG = re.compile(r"<image>\s*")
+# Role names of LLaVA/ShareGPT (`from`), of chat messages (`role`, as in TRL, LLaMA-Factory and ms-swift),
+# and Gemma's "model".
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+          "system": "system"}
+_IMAGE_PARTS = ("image", "image_url")  # typed content parts that stand for the record's image
 
 
 @dataclass
 class Sample:
-    """One image with its texts. `load_image` opens the image (it may raise)."""
+    """One image with its texts. `load_image` opens the image (it may raise).
+
+    `problem` is empty for a usable sample; for a refused record it says why (`"<kind>: <detail>"`),
+    and the other fields may be empty.
+    """
 
     id: str
     load_image: Callable[[], Image.Image]
@@ -29,7 +48,9 @@ class Sample:
     question: str = ""
     answer: str = ""
     image_name: str = ""  # the image's file name, kept for exports
-    turns: list[tuple[str, str]] = field(default_factory=list)  # ("user"|"assistant", text), image tags removed
+    turns: list[tuple[str, str]] = field(default_factory=list)  # ("system"|"user"|"assistant", text), no tags
+    image_path: str = ""  # the image path as the record writes it (relative to the image root); "" if none
+    problem: str = ""  # why the record cannot be used; empty when it can
 
     def text(self, source: str = "caption") -> str:
         if source == "caption":
@@ -41,72 +62,243 @@ class Sample:
         raise ValueError(f"unknown text source {source!r}; choose one of {TEXT_SOURCES}")
 
 
-def open_rgb(path: Path) -> Callable[[], Image.Image]:
+open_rgb = image_loader  # the former name, still used by tests/test_train_data.py
+
+
+class _Refused(Exception):
+    """A record that cannot be used; the message starts with its kind, which groups it in the summary."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+
+
+def _refused(sample_id: str, problem: str) -> Sample:
     def load() -> Image.Image:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    return load
+        raise ValueError(f"sample {sample_id} was refused: {problem}")
+    return Sample(sample_id, load, problem=problem)
 
 
 def _clean(text: str) -> str:
     return _IMAGE_TAG.sub("", text or "").strip()
 
 
-def _turns(record: dict) -> list[tuple[str, str]]:
-    """The conversation of a LLaVA record as (user|assistant, text) turns."""
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-    return [(roles[t["from"]], _clean(t.get("value", ""))) for t in record.get("conversations") or []
-            if t.get("from") in roles]
+def _rows(value):
+    """A list of dicts, also when an HF `Sequence` column hands it over as a dict of equally long lists."""
+    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        lengths = {len(v) for v in value.values()}
+        if len(lengths) == 1:
+            return [dict(zip(value, row)) for row in zip(*value.values())]
+    return value
 
 
-def _from_conversation(record: dict) -> tuple[str, str, str]:
-    """(caption, question, answer) of a LLaVA record: first human turn and first reply."""
-    turns = record.get("conversations") or []
-    human = next((t.get("value", "") for t in turns if t.get("from") in ("human", "user")), "")
-    reply = next((t.get("value", "") for t in turns if t.get("from") in ("gpt", "assistant")), "")
-    caption = record.get("caption") or record.get("text") or reply
-    return _clean(caption), _clean(human), _clean(reply)
+def _type_name(value) -> str:
+    return type(value).__name__
 
 
-def read_llava_json(path: Path, image_root: Path | None = None) -> Iterator[Sample]:
-    """LLaVA/ShareGPT records (`id`, `image`, `conversations`) from a .json list or .jsonl file."""
-    root = image_root or path.parent
+def _content(content, turn: int) -> tuple[str, int]:
+    """The text of one turn's content (tags removed) and how many image placeholders it holds."""
+    if content is None:
+        return "", 0
+    if isinstance(content, str):
+        return _clean(content), len(_IMAGE_TAG.findall(content))
+    content = _rows(content)
+    if not isinstance(content, list):
+        raise _Refused("malformed", f"the content of turn {turn} is a {_type_name(content)}, not text or a list")
+    texts, images = [], 0
+    for part in content:
+        if not isinstance(part, dict):
+            raise _Refused("malformed", f"a content part of turn {turn} is a {_type_name(part)}, not an object")
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if text is not None and not isinstance(text, str):
+                raise _Refused("malformed", f"a text part of turn {turn} holds a {_type_name(text)}")
+            texts.append(text or "")
+            images += len(_IMAGE_TAG.findall(text or ""))
+        elif kind in _IMAGE_PARTS:
+            images += 1
+        elif kind is None:
+            raise _Refused("malformed", f"a content part of turn {turn} has no type")
+        else:
+            raise _Refused("unsupported content", f"a {kind!r} part in turn {turn}")
+    return "\n".join(t for t in map(_clean, texts) if t), images
+
+
+def _conversation(rec: dict) -> tuple[list[tuple[str, str]], int]:
+    """The turns under `conversations` or `messages` as (role, text), and the image placeholders in them."""
+    key = next((k for k in ("conversations", "messages") if rec.get(k) is not None), None)
+    if key is None:
+        return [], 0
+    turns = _rows(rec[key])
+    if not isinstance(turns, list):
+        raise _Refused("malformed", f"{key} is a {_type_name(turns)}, not a list")
+    out, images = [], 0
+    for k, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            raise _Refused("malformed", f"turn {k} is a {_type_name(turn)}, not an object")
+        name = turn.get("role") or turn.get("from")
+        if not isinstance(name, str):
+            raise _Refused("malformed", f"turn {k} has no role")
+        role = _ROLES.get(name.strip().lower())
+        if role is None:
+            raise _Refused("unknown role", f"{name!r} in turn {k}")
+        text, n = _content(turn["content"] if turn.get("content") is not None else turn.get("value"), k)
+        out.append((role, text))
+        images += n
+    return out, images
+
+
+def _string(rec: dict, key: str) -> str:
+    """A text field that may also come as a list of texts (the first one counts)."""
+    value = rec.get(key)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _Refused("malformed", f"{key} is a {_type_name(value)}, not text")
+    return value
+
+
+def _texts(rec: dict, turns: list[tuple[str, str]]) -> tuple[str, str, str]:
+    """(caption, question, answer): an explicit caption (or text) else the first reply; first user turn; reply."""
+    question = next((t for r, t in turns if r == "user"), "")
+    reply = next((t for r, t in turns if r == "assistant"), "")
+    caption = _string(rec, "caption") or _string(rec, "text")
+    return (_clean(caption) if caption else reply), question, reply
+
+
+def _check_images(n_files: int, n_placeholders: int) -> None:
+    if n_files == 0:
+        raise _Refused("no image", "the record names no image (text-only)")
+    n = max(n_files, n_placeholders)
+    if n > 1:
+        raise _Refused("several images", f"{n} images; one image per record is supported")
+
+
+def _image_paths(rec: dict) -> list[str]:
+    """The image paths under `image` and `images`, each a path or a list of paths."""
+    paths = []
+    for key in ("image", "images"):
+        value = rec.get(key)
+        values = [] if value is None else value if isinstance(value, list) else [value]
+        for v in values:
+            if not isinstance(v, str):
+                raise _Refused("malformed", f"{key} holds a {_type_name(v)}, not a path")
+            if v.strip():
+                paths.append(v)
+    return paths
+
+
+def _record_id(rec, fallback: str) -> str:
+    """The record's `id`, else its position in the source."""
+    value = rec.get("id") if isinstance(rec, dict) else None
+    return fallback if value is None or value == "" else str(value)
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(fallback id, record) pairs of a .json list or .jsonl file; a JSONL line that is not JSON comes as _Refused."""
+    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    else:
-        records = json.loads(path.read_text())
+        index = 0
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                rec = _Refused("malformed", f"not JSON ({e})")
+            yield (f"line {n}" if isinstance(rec, _Refused) else str(index)), rec
+            index += 1
+        return
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a list of LLaVA records")
     for i, rec in enumerate(records):
-        if "image" not in rec:
-            continue  # text-only turns have nothing to extract
-        caption, question, answer = _from_conversation(rec)
-        image_path = root / rec["image"]
-        yield Sample(str(rec.get("id", i)), open_rgb(image_path), caption, question, answer, image_path.name,
-                     _turns(rec))
+        yield str(i), rec
+
+
+def read_llava_json(path: Path, image_root: Path | None = None) -> Iterator[Sample]:
+    """LLaVA/ShareGPT or chat-message records from a .json list or .jsonl file; refused ones carry a problem.
+
+    A record has an `id`, its image under `image` or `images`, and turns under `conversations` or `messages`
+    spelled `{"from", "value"}` or `{"role", "content"}` (content: text or typed parts).
+    """
+    root = image_root or path.parent
+    for fallback, rec in _json_records(path):
+        if isinstance(rec, _Refused):
+            yield _refused(fallback, str(rec))
+            continue
+        sample_id = _record_id(rec, fallback)
+        try:
+            if not isinstance(rec, dict):
+                raise _Refused("malformed", f"the record is a {_type_name(rec)}, not an object")
+            paths = _image_paths(rec)
+            turns, placeholders = _conversation(rec)
+            caption, question, answer = _texts(rec, turns)
+            _check_images(len(paths), placeholders)
+        except _Refused as e:
+            yield _refused(sample_id, str(e))
+            continue
+        file = root / paths[0]
+        yield Sample(sample_id, image_loader(file), caption, question, answer, file.name, turns, paths[0])
 
 
 def read_image_folder(path: Path) -> Iterator[Sample]:
     """Images with a caption each: `metadata.jsonl` (file_name + text/caption) or sibling .txt files."""
     meta = path / "metadata.jsonl"
     if meta.exists():
-        for line in meta.read_text().splitlines():
+        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
-            rec = json.loads(line)
-            file = path / rec["file_name"]
-            caption = rec.get("caption") or rec.get("text") or ""
-            yield Sample(str(Path(rec["file_name"]).with_suffix("")), open_rgb(file), caption.strip(),
-                         rec.get("question", ""), rec.get("answer", ""), file.name)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield _refused(f"line {n}", f"malformed: not JSON ({e})")
+                continue
+            name = rec.get("file_name") if isinstance(rec, dict) else None
+            if not isinstance(name, str) or not name.strip():
+                yield _refused(f"line {n}", "malformed: not an object with a file_name")
+                continue
+            sample_id = str(Path(name).with_suffix(""))
+            try:
+                caption = _string(rec, "caption") or _string(rec, "text")
+                question, answer = _string(rec, "question"), _string(rec, "answer")
+            except _Refused as e:
+                yield _refused(sample_id, str(e))
+                continue
+            file = path / name
+            yield Sample(sample_id, image_loader(file), _clean(caption), question, answer, file.name,
+                         image_path=name)
         return
     for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         txt = file.with_suffix(".txt")
-        caption = txt.read_text().strip() if txt.exists() else ""
-        yield Sample(str(file.relative_to(path).with_suffix("")), open_rgb(file), caption, image_name=file.name)
+        caption = txt.read_text(encoding="utf-8").strip() if txt.exists() else ""
+        relative = file.relative_to(path)
+        yield Sample(str(relative.with_suffix("")), image_loader(file), caption, image_name=file.name,
+                     image_path=relative.as_posix())
+
+
+def _image_counts(ds, column: str) -> list[int]:
+    """How many images each row holds, read from the Arrow column without decoding any image."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = ds.with_format("arrow")[column]
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        return pc.list_value_length(values).fill_null(0).to_pylist()
+    return [int(v) for v in values.is_valid().to_pylist()]
 
 
 def read_hf_dataset(path: Path) -> Iterator[Sample]:
-    """A dataset saved with `datasets.Dataset.save_to_disk`: an image column plus text columns."""
+    """A dataset saved with `datasets.Dataset.save_to_disk`: an image column plus text columns.
+
+    The image column is `image`, `img` or `images` (one image or a list); the texts are LLaVA `conversations`
+    or chat `messages` (as in TRL's datasets), or `caption`/`text` columns.
+    """
     import datasets
 
     ds = datasets.load_from_disk(str(path))
@@ -115,36 +307,66 @@ def read_hf_dataset(path: Path) -> Iterator[Sample]:
     image_col = next((c for c in ("image", "img", "images") if c in ds.column_names), None)
     if image_col is None:
         raise ValueError(f"{path}: no image column among {ds.column_names}")
-    texts = ds.select_columns([c for c in ds.column_names if c != image_col])
-    for i in range(len(ds)):
+    counts = _image_counts(ds, image_col)
+    images = ds.select_columns([image_col])
+    text_cols = [c for c in ds.column_names if c != image_col]
+    rows = iter(ds.select_columns(text_cols)) if text_cols else ({} for _ in range(len(ds)))
+    for i, row in enumerate(rows):
+        sample_id = _record_id(row, str(i))
+        try:
+            turns, placeholders = _conversation(row)
+            caption, question, answer = _texts(row, turns)
+            _check_images(counts[i], placeholders)
+        except _Refused as e:
+            yield _refused(sample_id, str(e))
+            continue
+
         def load(i: int = i) -> Image.Image:
-            im = ds[i][image_col]
-            im = im[0] if isinstance(im, list) else im
-            return im.convert("RGB")
-        row = texts[i]
-        caption, question, answer = _from_conversation(row)
-        if not caption:
-            caption = row.get("caption") or row.get("text") or ""
-            if isinstance(caption, list):
-                caption = caption[0] if caption else ""
-        yield Sample(str(row.get("id", i)), load, _clean(caption), question, answer, f"{row.get('id', i)}.jpg",
-                     _turns(row))
+            im = images[i][image_col]
+            return load_image(im[0] if isinstance(im, list) else im)
+
+        yield Sample(sample_id, load, caption, question, answer, f"{sample_id}.jpg", turns)
 
 
-def read_samples(data: str | Path, image_root: str | Path | None = None) -> list[Sample]:
-    """Read any supported format, chosen from what `data` is on disk."""
+def _few(ids: list[str], n: int = 3) -> str:
+    return ", ".join(ids[:n]) + (", ..." if len(ids) > n else "")
+
+
+def read_samples(data: str | Path, image_root: str | Path | None = None,
+                 refused: list[Sample] | None = None) -> list[Sample]:
+    """The usable samples of `data`, in any supported format, chosen from what `data` is on disk.
+
+    Records that cannot be used are left out and appended to `refused` (if given), each with its `id` and
+    `problem`; one warning counts them per reason. A later record with an id already used is refused and the
+    first one kept. Problems of the source as a whole (missing path, unsupported file, a .json that is not a
+    list, an HF dataset without an image column) raise.
+    """
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"data not found: {path}")
     if path.is_file() and path.suffix in (".json", ".jsonl"):
-        samples = list(read_llava_json(path, Path(image_root) if image_root else None))
+        read = read_llava_json(path, Path(image_root) if image_root else None)
     elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        samples = list(read_hf_dataset(path))
+        read = read_hf_dataset(path)
     elif path.is_dir():
-        samples = list(read_image_folder(path))
+        read = read_image_folder(path)
     else:
         raise ValueError(f"{path}: expected a LLaVA .json/.jsonl file, an HF dataset dir or an image folder")
-    ids = [s.id for s in samples]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: sample ids are not unique")
-    return samples
+    usable, bad, seen = [], [], set()
+    for sample in read:
+        if not sample.problem and sample.id in seen:
+            sample = replace(sample, problem="duplicate id: an earlier record has this id and is kept")
+        if sample.problem:
+            bad.append(sample)
+            continue
+        seen.add(sample.id)
+        usable.append(sample)
+    if bad:
+        by_kind: dict[str, list[str]] = {}
+        for sample in bad:
+            by_kind.setdefault(sample.problem.split(": ", 1)[0], []).append(sample.id)
+        log.warning("%s: %d of %d records refused and left out: %s", path, len(bad), len(bad) + len(usable),
+                    "; ".join(f"{len(ids)} {kind} ({_few(ids)})" for kind, ids in by_kind.items()))
+    if refused is not None:
+        refused.extend(bad)
+    return usable

@@ -2,10 +2,17 @@
 
 Layout of a store directory:
     store.json                 extraction settings and the diffusion model's name
-    shard-*.safetensors        one (n_words, R, R) tensor per sample id; the header's
-                               metadata lists each sample's words
+    shard-*.safetensors        one (n_words, R, R) tensor per sample id; the header's metadata
+                               lists each sample's words ("words") and the original image's
+                               (width, height) in pixels for the samples that have one ("sizes")
     index.json                 sample id -> shard, written when a run finishes
     failures.jsonl             samples that could not be processed, with the reason
+
+Image frame: a map covers a stated region of the original, EXIF-upright image, its *frame*,
+resampled to R x R. `settings["frame"]` names it: "full" (the whole image; what `lavender
+extract` writes), "center-square" (the centred square of side min(width, height); what
+`lavender extract` made before frames were recorded) or "unknown". `AttentionTargets.frame`
+reads it, and `AttentionTargets.image_size` gives the size the frame is a region of.
 
 A shard appears only by an atomic rename, so after a crash every shard on disk is
 whole, and a rerun recomputes exactly the samples no shard holds.
@@ -24,12 +31,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lavender.data.frame import FRAMES
 from lavender.utils.io import atomic_write, atomic_write_json
 
 FORMAT = "lavender.targets"
 VERSION = 1
 STORE_FILE, INDEX_FILE, FAILURES_FILE = "store.json", "index.json", "failures.jsonl"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def check_frame(frame: str) -> str:
+    """Returns `frame`; raises ValueError if it is not one of FRAMES."""
+    if frame not in FRAMES:
+        raise ValueError(f"unknown image frame {frame!r}; choose one of {', '.join(FRAMES)}")
+    return frame
 
 
 def shard_paths(root: Path) -> list[Path]:
@@ -58,23 +73,36 @@ class TargetsWriter:
         self.root, self.shard_size, self.prefix = Path(root), shard_size, prefix
         self.dtype = DTYPES[dtype]
         self.root.mkdir(parents=True, exist_ok=True)
-        self._buffer: dict[str, tuple[list[str], torch.Tensor]] = {}
+        self._buffer: dict[str, tuple[list[str], torch.Tensor, list[int] | None]] = {}
 
-    def add(self, sample_id: str, maps: dict[str, np.ndarray | torch.Tensor]) -> None:
+    def add(self, sample_id: str, maps: dict[str, np.ndarray | torch.Tensor],
+            image_size: tuple[int, int] | None = None) -> None:
+        """Buffer one sample's maps; `image_size` is its original image's (width, height) in pixels, if known.
+
+        Raises ValueError for an image size that is not two positive integers.
+        """
+        size = None
+        if image_size is not None:
+            size = [int(v) for v in image_size]
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"sample {sample_id!r}: image_size must be (width, height) > 0, got {image_size!r}")
         words = list(maps)
         if words:
             stacked = torch.stack([torch.as_tensor(np.asarray(maps[w]), dtype=torch.float32) for w in words])
         else:
             stacked = torch.zeros(0, 1, 1)
-        self._buffer[sample_id] = (words, stacked.to(self.dtype).contiguous())
+        self._buffer[sample_id] = (words, stacked.to(self.dtype).contiguous(), size)
         if len(self._buffer) >= self.shard_size:
             self.flush()
 
     def flush(self) -> Path | None:
+        """Write the buffered samples as one shard; returns its path (None if nothing was buffered)."""
         if not self._buffer:
             return None
-        tensors = {sid: t for sid, (_, t) in self._buffer.items()}
-        meta = {"format": FORMAT, "words": json.dumps({sid: w for sid, (w, _) in self._buffer.items()})}
+        tensors = {sid: t for sid, (_, t, _) in self._buffer.items()}
+        meta = {"format": FORMAT,
+                "words": json.dumps({sid: w for sid, (w, _, _) in self._buffer.items()}),
+                "sizes": json.dumps({sid: s for sid, (_, _, s) in self._buffer.items() if s is not None})}
         path = self.root / f"shard-{self.prefix}-{uuid.uuid4().hex[:12]}.safetensors"
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         self._buffer.clear()
@@ -82,7 +110,12 @@ class TargetsWriter:
 
 
 def write_store_info(root: str | Path, settings: dict[str, Any], diffusion_model: str) -> None:
-    """Write store.json: the settings the maps were made with and the diffusion model's name."""
+    """Write store.json: the settings the maps were made with and the diffusion model's name.
+
+    Raises ValueError if `settings` names a frame that is not one of FRAMES.
+    """
+    if "frame" in settings:
+        check_frame(settings["frame"])
     atomic_write_json(Path(root) / STORE_FILE, {"format": FORMAT, "version": VERSION, "settings": settings,
                                                 "diffusion_model": diffusion_model})
 
@@ -112,6 +145,7 @@ class AttentionTargets:
         self.info: dict[str, Any] = json.loads(store_file.read_text())
         self._where = self._load_index()
         self._words: dict[str, dict[str, list[str]]] = {}
+        self._sizes: dict[str, dict[str, list[int]]] = {}
         self._handles: dict[str, Any] = {}
 
     def _load_index(self) -> dict[str, str]:
@@ -131,6 +165,17 @@ class AttentionTargets:
     def resolution(self) -> int:
         return int(self.settings.get("resolution", 32))
 
+    @property
+    def frame(self) -> str:
+        """The region of each original image the maps cover: one of FRAMES (see the module docstring).
+
+        A store that does not record it is "center-square" if `lavender extract` wrote it (its settings
+        have "inversion_steps"; earlier versions centre-cropped), else "unknown".
+        """
+        if "frame" in self.settings:
+            return self.settings["frame"]
+        return "center-square" if "inversion_steps" in self.settings else "unknown"
+
     def __len__(self) -> int:
         return len(self._where)
 
@@ -143,13 +188,27 @@ class AttentionTargets:
     def _shard(self, name: str):
         if name not in self._handles:
             self._handles[name] = safe_open(str(self.root / name), "pt")
-            self._words[name] = json.loads(self._handles[name].metadata()["words"])
+            meta = self._handles[name].metadata()
+            self._words[name] = json.loads(meta["words"])
+            self._sizes[name] = json.loads(meta.get("sizes", "{}"))  # shards written before sizes have none
         return self._handles[name]
 
     def words(self, sample_id: str) -> list[str]:
         name = self._where[sample_id]
         self._shard(name)
         return self._words[name][sample_id]
+
+    def image_size(self, sample_id: str) -> tuple[int, int] | None:
+        """The original image's (width, height) in pixels, or None if the store does not have it.
+
+        Raises KeyError for a sample the store does not hold.
+        """
+        if sample_id not in self._where:
+            raise KeyError(f"no targets for sample {sample_id!r}")
+        name = self._where[sample_id]
+        self._shard(name)
+        size = self._sizes[name].get(sample_id)
+        return (size[0], size[1]) if size else None
 
     def __getitem__(self, sample_id: str) -> dict[str, np.ndarray]:
         if sample_id not in self._where:

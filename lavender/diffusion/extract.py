@@ -1,6 +1,7 @@
 """Stage 1: per-word cross-attention targets from a text-to-image diffusion model over real images.
 
-For each batch: VAE-encode the images, DDIM-invert the latents a few steps with the
+For each batch: VAE-encode the whole images (each at its own aspect ratio, so a map always
+covers the whole image: the store's frame is "full"), DDIM-invert the latents a few steps with the
 text as condition, denoise them back while the cross-attention layers report their
 softmax probabilities, average those over heads, layers and steps at the target
 resolution, sum the tokens of each word and min-max normalise each word's map.
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from lavender.data.targets import (
 )
 from lavender.diffusion.capture import AttentionRecorder, capture_cross_attention
 from lavender.diffusion.inversion import denoise, invert
-from lavender.diffusion.words import words_to_tokens
+from lavender.diffusion.words import word_pieces, words_to_tokens
 from lavender.utils.io import atomic_write_text
 from lavender.utils.maps import min_max
 
@@ -40,7 +43,7 @@ LAVENDER_FILE = "lavender.json"  # optional sidecar of a pipeline directory
 
 # Settings that change the maps; a store only ever holds maps made with one set of them.
 RESULT_SETTINGS = ("diffusion", "text", "inversion_steps", "denoise_steps", "strength", "guidance_scale",
-                   "resolution", "image_size", "attn_resolutions", "mask_padding", "dtype")
+                   "resolution", "image_size", "keep_aspect", "attn_resolutions", "mask_padding", "dtype", "frame")
 
 
 @dataclass
@@ -55,7 +58,11 @@ class ExtractConfig:
     strength: float = field(default=0.5, metadata={"help": "noise level reached by inversion, share of T"})
     guidance_scale: float = field(default=1.0, metadata={"help": "classifier-free guidance while denoising"})
     resolution: int = field(default=32, metadata={"help": "side of the stored maps"})
-    image_size: int = field(default=0, metadata={"help": "image side fed to the VAE (0: the model's own)"})
+    image_size: int = field(default=0, metadata={
+        "help": "the VAE sees about image_size**2 pixels of each whole image (0: the model's own size)"})
+    keep_aspect: bool = field(default=True, metadata={
+        "help": "keep each image's aspect ratio (sides rounded to what the UNet needs); --no-keep-aspect squeezes "
+                "the whole image into a square. The maps cover the whole image either way"})
     attn_resolutions: tuple[int, ...] = field(default=(), metadata={
         "help": "record only cross-attention layers with these grid sides (default: all)"})
     mask_padding: str = field(default="auto", metadata={
@@ -116,30 +123,46 @@ def word_maps(text: str, offsets: list[tuple[int, int]], token_maps: torch.Tenso
     return dict(zip(words, min_max(stacked).cpu().numpy()))
 
 
-def preprocess(image: Image.Image, size: int) -> torch.Tensor:
-    """Resize the shorter side to `size`, centre-crop, scale to [-1, 1]: (3, size, size)."""
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
+def input_size(width: int, height: int, size: int, multiple: int, keep_aspect: bool = True) -> tuple[int, int]:
+    """(width, height) in pixels at which the VAE sees a `width` x `height` image.
+
+    The whole image is always used (the map's frame is the whole image). With `keep_aspect` the image keeps its
+    aspect ratio at about `size`**2 pixels, each side rounded to a multiple of `multiple` (what the UNet's
+    downsampling needs: 64 px for Stable Diffusion v1.x); otherwise it is squeezed into `size` x `size`.
+    """
+    if not keep_aspect:
+        return size, size
+    scale = size / math.sqrt(width * height)
+    return (max(multiple, round(width * scale / multiple) * multiple),
+            max(multiple, round(height * scale / multiple) * multiple))
+
+
+def preprocess(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """Resize the whole image to `size` = (width, height) and scale to [-1, 1]: (3, height, width)."""
+    if image.size != size:
+        image = image.resize(size, Image.BICUBIC)
     arr = np.asarray(image, np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 class Extractor:
-    """Holds the loaded pipeline and turns batches of (image, text) into per-word maps."""
+    """Holds the loaded pipeline and turns batches of (image, text) into per-word maps of the whole image."""
 
     def __init__(self, cfg: ExtractConfig, pipe, mask_padding: bool):
         self.cfg, self.pipe, self.mask_padding = cfg, pipe, mask_padding
         self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
         vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self.image_size = cfg.image_size or pipe.unet.config.sample_size * vae_scale
+        # latents must halve cleanly at every UNet downsampling
+        self.multiple = vae_scale * 2 ** (len(pipe.unet.config.down_block_types) - 1)
         self.alphas = pipe.scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.t_end = round(cfg.strength * (len(self.alphas) - 1))
         self.recorder = AttentionRecorder(cfg.resolution, cfg.attn_resolutions)
         self.max_length = pipe.tokenizer.model_max_length
+
+    def input_size(self, image: Image.Image) -> tuple[int, int]:
+        """(width, height) at which the VAE sees `image`."""
+        return input_size(*image.size, self.image_size, self.multiple, self.cfg.keep_aspect)
 
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, list]:
         tok = self.pipe.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
@@ -148,11 +171,24 @@ class Extractor:
         emb = self.pipe.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
         return emb, mask, tok.offset_mapping.tolist()
 
-    @torch.no_grad()
     def __call__(self, images: list[Image.Image], texts: list[str]) -> list[dict[str, np.ndarray]]:
+        """Per-word (R, R) maps of each whole image. Images of different input sizes run as separate batches."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(self.input_size(image), []).append(i)
+        out: list[dict[str, np.ndarray]] = [{} for _ in images]
+        for size, members in groups.items():
+            maps = self.run([images[i] for i in members], [texts[i] for i in members], size)
+            for i, m in zip(members, maps):
+                out[i] = m
+        return out
+
+    @torch.no_grad()
+    def run(self, images: list[Image.Image], texts: list[str], size: tuple[int, int]) -> list[dict[str, np.ndarray]]:
+        """One batch whose images all go to the VAE at `size` = (width, height)."""
         pipe, b = self.pipe, len(images)
-        x = torch.stack([preprocess(im, self.image_size) for im in images]).to(self.device, self.dtype)
-        latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        x = torch.stack([preprocess(im, size) for im in images]).to(self.device, self.dtype)  # (B, 3, H, W)
+        latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor  # (B, C, h, w)
         emb, mask, offsets = self.encode_text(texts)
 
         def conditional(z: torch.Tensor, t: int) -> torch.Tensor:
@@ -187,7 +223,8 @@ class Extractor:
 
 def _settings(cfg: ExtractConfig, mask_padding: bool, image_size: int) -> dict[str, Any]:
     values = asdict(cfg)
-    values.update(mask_padding=mask_padding, image_size=image_size, attn_resolutions=list(cfg.attn_resolutions))
+    values.update(mask_padding=mask_padding, image_size=image_size, attn_resolutions=list(cfg.attn_resolutions),
+                  frame="full")
     return {k: values[k] for k in RESULT_SETTINGS}
 
 
@@ -204,7 +241,48 @@ def _open_store(root: Path, settings: dict[str, Any], create: bool) -> None:
         write_store_info(root, settings, settings["diffusion"])
 
 
-def _load(sample: Sample, text_source: str, max_tokens: int, tokenizer) -> tuple[Image.Image | None, str, str]:
+class VocabularyReport:
+    """Counts the words the teacher's tokenizer does not know or splits into many pieces."""
+
+    def __init__(self, tokenizer, many: int = 3, examples: int = 8):
+        self.tokenizer, self.many, self.examples = tokenizer, many, examples
+        self.words: Counter = Counter()  # "words", "unknown", "split"
+        self.unknown: Counter = Counter()
+        self.split: Counter = Counter()
+
+    def add(self, text: str) -> int:
+        """Count the words of `text`; returns its number of tokens (special tokens included)."""
+        enc = self.tokenizer(text, truncation=False, return_offsets_mapping=True)
+        for word, pieces, unknown in word_pieces(text, enc.input_ids, enc.offset_mapping,
+                                                 self.tokenizer.unk_token_id):
+            self.words["words"] += 1
+            if unknown:
+                self.words["unknown"] += 1
+                self.unknown[word] += 1
+            elif pieces >= self.many:
+                self.words["split"] += 1
+                self.split[word] += 1
+        return len(enc.input_ids)
+
+    def summary(self) -> str:
+        """One line for the log, or "" if every word is known whole or in few pieces."""
+        n = self.words["words"]
+        if not (self.words["unknown"] or self.words["split"]) or not n:
+            return ""
+        def top(c: Counter) -> str:
+            return ", ".join(w for w, _ in c.most_common(self.examples))
+        parts = []
+        if self.words["unknown"]:
+            parts.append(f"{self.words['unknown']} of {n} words ({self.words['unknown'] / n:.1%}) are unknown to "
+                         f"the teacher's tokenizer (e.g. {top(self.unknown)})")
+        if self.words["split"]:
+            parts.append(f"{self.words['split']} ({self.words['split'] / n:.1%}) split into {self.many}+ tokens "
+                         f"(e.g. {top(self.split)})")
+        return "; ".join(parts) + ": their maps come from tokens that carry little of the word, so expect weak maps"
+
+
+def _load(sample: Sample, text_source: str, max_tokens: int,
+          vocabulary: VocabularyReport) -> tuple[Image.Image | None, str, str]:
     """(image, text, failure reason); the reason is empty on success."""
     text = sample.text(text_source).strip()
     if not text:
@@ -215,7 +293,7 @@ def _load(sample: Sample, text_source: str, max_tokens: int, tokenizer) -> tuple
         return None, text, "image not found"
     except (UnidentifiedImageError, OSError, ValueError) as err:
         return None, text, f"unreadable image: {err}"
-    n_tokens = len(tokenizer(text, truncation=False).input_ids)
+    n_tokens = vocabulary.add(text)
     if n_tokens > max_tokens:
         log.warning("sample %s: text has %d tokens, truncated to the text encoder's %d", sample.id, n_tokens,
                     max_tokens)
@@ -230,8 +308,8 @@ def _merge_failures(root: Path, done: set[str]) -> int:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
-            if rec["id"] not in done:
-                failures[rec["id"]] = rec
+            if rec.get("record") or rec["id"] not in done:  # a refused record may share a done sample's id
+                failures[json.dumps(rec, sort_keys=True)] = rec
     atomic_write_text(root / FAILURES_FILE, "".join(json.dumps(r) + "\n" for r in failures.values()))
     for part in root.glob("failures-*.jsonl"):
         part.unlink()
@@ -262,7 +340,8 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
     if state:
         state.wait_for_everyone()
 
-    samples = read_samples(cfg.data, cfg.image_root or None)
+    refused: list[Sample] = []
+    samples = read_samples(cfg.data, cfg.image_root or None, refused=refused)
     if cfg.limit:
         samples = samples[: cfg.limit]
     device = torch.device(cfg.device) if cfg.device else (state.device if state else torch.device("cpu"))
@@ -282,27 +361,35 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
     todo = [s for s in samples[rank::world] if s.id not in done]
     log.info("process %d/%d: %d of %d samples to do", rank, world, len(todo), len(samples))
     writer = TargetsWriter(root, cfg.shard_size, cfg.store_dtype, prefix=f"r{rank}")
+    vocabulary = VocabularyReport(pipe.tokenizer)
     with open(root / f"failures-r{rank}.jsonl", "w") as failures:
+        def fail(sample_id: str, reason: str, **extra) -> None:
+            failures.write(json.dumps({"id": sample_id, "reason": reason, **extra}) + "\n")
+            failures.flush()
+
+        for record in refused[rank::world]:  # records no stage can use (several images, no image, malformed)
+            fail(record.id, record.problem, record=True)
         bar = tqdm(total=len(todo), desc=f"extract[{rank}]" if world > 1 else "extract", unit="img",
                    disable=not is_main and world > 1)
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]
             ok: list[tuple[Sample, Image.Image, str]] = []
             for sample in batch:
-                image, text, reason = _load(sample, cfg.text, extractor.max_length, pipe.tokenizer)
+                image, text, reason = _load(sample, cfg.text, extractor.max_length, vocabulary)
                 if reason:
                     log.warning("skipping sample %s: %s", sample.id, reason)
-                    failures.write(json.dumps({"id": sample.id, "reason": reason}) + "\n")
-                    failures.flush()
+                    fail(sample.id, reason)
                 else:
                     ok.append((sample, image, text))
             if ok:
                 results = extractor([im for _, im, _ in ok], [t for _, _, t in ok])
-                for (sample, _, _), maps in zip(ok, results):
-                    writer.add(sample.id, maps)
+                for (sample, image, _), maps in zip(ok, results):
+                    writer.add(sample.id, maps, image_size=image.size)
             bar.update(len(batch))
         writer.flush()
         bar.close()
+    if vocabulary.summary():
+        log.warning("process %d: %s", rank, vocabulary.summary())
     if state:
         state.wait_for_everyone()
     if is_main and finalize:

@@ -41,3 +41,14 @@ def words_to_tokens(text: str, offsets: list[tuple[int, int]]) -> list[WordToken
         if tokens and end <= covered_until:
             out.append(WordTokens(word, start, end, tokens))
     return out
+
+
+def word_pieces(text: str, input_ids: list[int], offsets: list[tuple[int, int]],
+                unknown_id: int | None) -> list[tuple[str, int, bool]]:
+    """(word, number of tokens, any token unknown) for each word of `text` as a tokenizer encoded it.
+
+    A word the teacher knows only as `unknown_id`, or only in many pieces, gets a map from tokens that carry
+    little of its meaning; `lavender extract` counts such words so a user can see why maps are poor.
+    """
+    return [(wt.word, len(wt.tokens), unknown_id is not None and any(input_ids[i] == unknown_id for i in wt.tokens))
+            for wt in words_to_tokens(text, offsets)]

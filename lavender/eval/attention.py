@@ -3,7 +3,8 @@
 For each sample, the words stage 2 would align (the words of the store's text that have a map there) get
 the VLM's aggregated attention — raw (min-max normalised) or through a trained Aligner. The result is a
 store like stage 1's, so `lavender eval grounding` scores it against word masks the same way, and the
-grounding of a VLM before and after Lavender is comparable with the teacher's.
+grounding of a VLM before and after Lavender is comparable with the teacher's. Its maps cover the whole
+image (frame "full"): the part the VLM sees is drawn where it lies, and the rest (a centre crop's sides) is 0.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lavender.align.aligner import AlignerConfig
+from lavender.data.frame import FULL, resample
 from lavender.data.targets import TargetsWriter, write_index, write_store_info
 from lavender.train.data import Collator, StageTwoDataset
 from lavender.train.merge import load_trained
@@ -76,6 +78,7 @@ def write_attention_store(cfg: AttentionMapsConfig) -> Path:
     trained = training_settings(cfg.adapter)  # rows chosen as in training
     data = StageTwoDataset.from_paths(
         cfg.data, processor, adapter.image_token_id, cfg.targets, cfg.image_root, cfg.limit, max_length=4096,
+        view=type(adapter).image_view,
         instruction=trained.get("instruction", cfg.instruction), match=trained.get("match", "exact"),
         position=trained.get("align_position", "input"))
     alignment = _alignment(model, cfg, data.targets.resolution).eval()
@@ -91,12 +94,16 @@ def write_attention_store(cfg: AttentionMapsConfig) -> Path:
             pictures = alignment.predict(maps) if cfg.aligner else min_max(maps.mean(dim=(1, 2)))
             for picture, i in zip(pictures, order):
                 b = int(batch.word_sample[i])
+                # drawn back onto the whole image: cells the VLM does not see (a centre crop's sides) stay 0
+                picture = resample(picture, FULL, picture.shape[-1], dst=batch.image_boxes[b])
                 per_sample[b].setdefault(batch.words[i].word, []).append(picture)
         for b, words in per_sample.items():
-            writer.add(batch.sample_ids[b], {w: torch.stack(m).mean(0) for w, m in words.items()})
+            sample_id = batch.sample_ids[b]
+            writer.add(sample_id, {w: torch.stack(m).mean(0) for w, m in words.items()},
+                       image_size=data.targets.image_size(sample_id) if sample_id in data.targets else None)
     writer.flush()
     settings = {"resolution": data.targets.resolution, "text": data.text_source, "aligner": cfg.aligner,
-                "aggregation": alignment.aggregation, "layers": alignment.layers}
+                "aggregation": alignment.aggregation, "layers": alignment.layers, "frame": "full"}
     write_store_info(cfg.out, settings, cfg.adapter or cfg.model)
     write_index(cfg.out)
     return Path(cfg.out)

@@ -6,7 +6,9 @@
   uniform map scores 1 and a single-cell map 0.
 
 Masks are resized to the map's resolution by area (a cell is "inside" when at least
-half of it is covered) so that maps are never upsampled to fit a metric.
+half of it is covered) so that maps are never upsampled to fit a metric. A mask covers the
+whole image; it is first cut to the part of the image the store's frame covers
+(`lavender.data.frame`), so a map is scored on what it describes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lavender.data.frame import FULL, Box, frame_box
+
 
 def mask_to_grid(mask: np.ndarray, resolution: int) -> np.ndarray:
     """bool (H, W) -> bool (R, R): cells at least half covered by the mask."""
@@ -28,6 +32,15 @@ def mask_to_grid(mask: np.ndarray, resolution: int) -> np.ndarray:
     if not grid.any():  # an object smaller than a cell still owns its best-covered cell
         grid = cover >= cover.max() - 1e-9 if cover.max() > 0 else grid
     return grid
+
+
+def crop_mask(mask: np.ndarray, box: Box) -> np.ndarray:
+    """The part of a (H, W) mask inside `box` (fractions), to the nearest pixel."""
+    if box == FULL:
+        return mask
+    h, w = mask.shape
+    top, left, bottom, right = (round(box[0] * h), round(box[1] * w), round(box[2] * h), round(box[3] * w))
+    return mask[top:bottom, left:right]
 
 
 def pointing(amap: np.ndarray, grid: np.ndarray) -> float:
@@ -55,14 +68,19 @@ def grounding_scores(
     maps: Iterable[tuple[str, Mapping[str, np.ndarray]]],
     masks: Mapping[str, Mapping[str, np.ndarray]],
     word_type: Callable[[str], str] = lambda w: "word",
+    frame: str = "full",
 ) -> dict[str, dict[str, float]]:
-    """Mean pointing, IoU and entropy per word type over every (sample, word) with a mask."""
+    """Mean pointing, IoU and entropy per word type over every (sample, word) with a mask, each mask cut to
+    the part of its image that maps of `frame` cover."""
     per_type: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     for sample_id, word_maps in maps:
         for word, truth in masks.get(sample_id, {}).items():
             if word not in word_maps or not truth.any():
                 continue
             amap = np.asarray(word_maps[word], np.float32)
+            truth = crop_mask(truth, frame_box(frame, truth.shape[1], truth.shape[0]))
+            if not truth.any():
+                continue  # the object lies outside what the map covers
             grid = mask_to_grid(truth, amap.shape[0])
             scores = (pointing(amap, grid), iou(amap, grid), entropy(amap))
             per_type[word_type(word)].append(scores)
@@ -77,8 +95,9 @@ def grounding_scores(
 
 def store_grounding(targets, masks: Mapping[str, Mapping[str, np.ndarray]],
                     word_type: Callable[[str], str] = lambda w: "word") -> dict[str, dict[str, float]]:
-    """`grounding_scores` over every sample of a targets store, reading maps lazily."""
-    return grounding_scores(((sid, targets[sid]) for sid in targets), masks, word_type)
+    """`grounding_scores` over every sample of a targets store, reading maps lazily, in the store's frame."""
+    return grounding_scores(((sid, targets[sid]) for sid in targets), masks, word_type,
+                            getattr(targets, "frame", "full"))
 
 
 def chance_pointing(masks: Mapping[str, Mapping[str, np.ndarray]], resolution: int,

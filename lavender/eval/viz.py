@@ -1,4 +1,5 @@
-"""PNG overlays of per-word maps on their images."""
+"""PNG overlays of per-word maps on their images, each map drawn over the part of the image its store's frame
+covers (see `lavender.data.frame`)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,28 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
+from lavender.data.frame import FULL, Box, frame_box
 from lavender.data.samples import Sample
 
 
 def overlay_figure(image: Image.Image, maps: dict[str, np.ndarray], title: str = "", alpha: float = 0.55,
-                   max_words: int = 12):
-    """One row: the image, then each word's map upsampled over it."""
+                   max_words: int = 12, box: Box = FULL):
+    """One row: the image, then each word's map upsampled over `box`, the part of the image it covers."""
     words = list(maps)[:max_words]
     fig, axes = plt.subplots(1, len(words) + 1, figsize=(1.9 * (len(words) + 1), 2.2), squeeze=False)
     axes = axes[0]
     rgb = np.asarray(image.convert("RGB"))
+    h, w = rgb.shape[:2]
+    extent = (box[1] * w - 0.5, box[3] * w - 0.5, box[2] * h - 0.5, box[0] * h - 0.5)  # left, right, bottom, top
     axes[0].imshow(rgb)
     axes[0].set_title("image", fontsize=8)
     for ax, word in zip(axes[1:], words):
         amap = np.asarray(maps[word], np.float32)
         ax.imshow(rgb)
-        ax.imshow(amap, cmap="jet", alpha=alpha, extent=(-0.5, rgb.shape[1] - 0.5, rgb.shape[0] - 0.5, -0.5),
-                  interpolation="bilinear", vmin=0, vmax=max(1e-6, float(amap.max())))
+        ax.imshow(amap, cmap="jet", alpha=alpha, extent=extent, interpolation="bilinear", vmin=0,
+                  vmax=max(1e-6, float(amap.max())))
+        ax.set_xlim(-0.5, w - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
         ax.set_title(word, fontsize=8)
     for ax in axes:
         ax.axis("off")
@@ -47,7 +53,10 @@ def write_overlays(samples: list[Sample], targets, out_dir: str | Path, count: i
             break
         if sample.id not in targets:
             continue
-        fig = overlay_figure(sample.load_image(), targets[sample.id], title=sample.caption)
+        image = sample.load_image()
+        frame = getattr(targets, "frame", "full")
+        title = sample.caption + (" (frame unknown: drawn over the whole image)" if frame == "unknown" else "")
+        fig = overlay_figure(image, targets[sample.id], title=title, box=frame_box(frame, *image.size))
         path = out / f"{sample.id.replace('/', '_')}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)

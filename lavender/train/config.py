@@ -24,6 +24,8 @@ class TrainConfig:
     instruction: str = field(default="Describe the image.", metadata={
         "help": "user turn for caption samples (samples with a question use their question)"})
     max_length: int = field(default=512, metadata={"help": "longer samples are truncated after the image"})
+    chat_template: str = field(default="", metadata={
+        "help": "a Jinja chat template, given as a file path or inline, for models that ship none"})
     # the alignment
     lam: float = field(default=10.0, metadata={"help": "weight lambda of the attention loss (0: plain fine-tuning)"})
     aggregation: str = field(default="heads", metadata={

@@ -1,33 +1,45 @@
 """Samples -> model inputs, next-token labels and the words to align, one sample at a time.
 
 A sample becomes a chat (its own turns, or the instruction and its caption), rendered with the processor's
-chat template; the image sits in the first user turn and every assistant turn is a label. The text the
-stage-1 store was built from (caption, question, or both) is found in the rendering, its words are matched
-to the VLM's tokens by character offsets and paired with the store's maps. Anything wrong with one sample
-(a missing or corrupt image, a missing or mis-shaped map, an over-long text) is counted, never fatal.
+chat template; system turns come first as they are, the image sits in the first user turn and every
+assistant turn with text is a label. The text the stage-1 store was built from (caption, question, or both)
+is found in the rendering, its words are matched to the VLM's tokens by character offsets and paired with the
+store's maps. A sample with nothing to answer is refused up front (`Refusal`, like the records the reader
+refuses); anything else wrong with one sample (a missing or corrupt image, a missing, mis-shaped or invalid
+map, an over-long text) is counted, never fatal.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from lavender.align.words import match_words
+from lavender.data.frame import FULL, Box, CommonView, ImageView, common_view, frame_box, resample
 from lavender.data.samples import Sample, read_samples
 from lavender.data.targets import AttentionTargets
 from lavender.diffusion.words import find_words
+from lavender.utils.maps import min_max
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100
 EVENTS = ("unreadable images", "samples the processor rejected", "truncated samples",
-          "samples too long for their image", "samples without targets", "words without a target",
-          "targets of the wrong shape")
+          "samples too long for their image", "samples without an answer", "samples whose answer was cut off",
+          "samples without targets", "words without a target", "targets of the wrong shape", "invalid targets",
+          "targets outside the VLM's view")
+NO_ANSWER = "no answer: no assistant turn has text"  # why a sample with nothing to train on is refused
+TARGET_TOLERANCE = 1e-3  # stage-1 maps are min-max normalised: [0, 1] up to storage rounding
+_IMAGE_TAG = re.compile(r"<image>\s*")
 # per-sample tensors laid out along the sequence, padded by the collator with these values
 SEQUENCE_PAD = {"input_ids": None, "attention_mask": 0, "labels": IGNORE, "cross_attention_mask": 0,
                 "mm_token_type_ids": 0, "token_type_ids": 0}
@@ -35,6 +47,13 @@ SEQUENCE_PAD = {"input_ids": None, "attention_mask": 0, "labels": IGNORE, "cross
 
 class ChatTemplateError(ValueError):
     """The chat template cannot be used for training (every sample would fail alike)."""
+
+
+class Refusal(NamedTuple):
+    """A record left out before training, and why."""
+
+    id: str
+    reason: str
 
 
 @dataclass
@@ -51,6 +70,7 @@ class Encoded:
     sample_id: str = ""
     words: list[AlignedWord] = field(default_factory=list)
     events: Counter = field(default_factory=Counter)  # what went wrong or was adjusted, for the logs
+    view: CommonView | None = None  # the part of the image both the targets and the VLM's plane describe
 
 
 def resolve_data(path: str) -> str:
@@ -59,11 +79,82 @@ def resolve_data(path: str) -> str:
     return str(p / "train.json") if p.is_dir() and (p / "train.json").exists() else path
 
 
+def conversation(sample: Sample, instruction: str) -> list[tuple[str, str]]:
+    """The sample's own turns, or the question (else `instruction`) and the answer (else the caption)."""
+    return sample.turns or [("user", sample.question or instruction),
+                            ("assistant", sample.answer or sample.caption)]
+
+
+def has_text(text: str) -> bool:
+    """Whether a turn says anything once its `<image>` tags are removed."""
+    return bool(_IMAGE_TAG.sub("", text or "").strip())
+
+
+def has_answer(sample: Sample) -> bool:
+    """Whether the sample's chat has an assistant turn with text, i.e. something to train on."""
+    return any(role == "assistant" and has_text(text) for role, text in conversation(sample, ""))
+
+
+def split_answered(samples: list[Sample]) -> tuple[list[Sample], list[Refusal]]:
+    """The samples with an answer, and a refusal for each of the others."""
+    answered, refused = [], []
+    for sample in samples:
+        if has_answer(sample):
+            answered.append(sample)
+        else:
+            refused.append(Refusal(sample.id, NO_ANSWER))
+    return answered, refused
+
+
+def read_training_samples(data: str, image_root: str = "", limit: int = 0) -> tuple[list[Sample], list[Refusal]]:
+    """The usable samples of `data` (at most `limit`, if set) and every record refused on the way: by the
+    reader (no image, several images, malformed, ...) or for having no answer. Raises nothing for an empty
+    result; see `NoSamplesError`."""
+    refused: list[Sample] = []
+    samples = read_samples(resolve_data(data), image_root or None, refused=refused)
+    samples, unanswered = split_answered(samples)
+    refusals = [Refusal(s.id, s.problem) for s in refused]
+    return (samples[:limit] if limit else samples), refusals + unanswered
+
+
+def reason_counts(refused: list[Refusal]) -> dict[str, int]:
+    """Refused records per kind of reason (a reason reads "<kind>: <detail>"), most frequent first."""
+    return dict(Counter(r.reason.split(": ", 1)[0] for r in refused).most_common())
+
+
+class NoSamplesError(ValueError):
+    """No sample of the data can be trained on."""
+
+    def __init__(self, data: str, refused: list[Refusal]):
+        counts = ", ".join(f"{reason}: {n}" for reason, n in reason_counts(refused).items())
+        super().__init__(f"{data}: no usable sample" + (f" ({len(refused)} records refused; {counts})"
+                                                         if refused else " (no records)"))
+
+
+ViewFunction = Callable[[object, tuple[int, int], dict], ImageView]  # a VLM adapter's `image_view`
+
+
+def cut_target(target: np.ndarray, view: CommonView) -> torch.Tensor:
+    """A stage-1 map (R, R) cut to the part of its frame that the VLM also sees, resampled back to (R, R) and
+    min-max normalised again (as the Aligner's output is); the map itself if the VLM sees all of it."""
+    target = torch.as_tensor(target, dtype=torch.float32)
+    if view.in_target == FULL:
+        return target
+    return min_max(resample(target, view.in_target, target.shape[-1])[None])[0]
+
+
+def valid_target(target: np.ndarray, tolerance: float = TARGET_TOLERANCE) -> bool:
+    """Whether a stage-1 map is what extraction writes: finite and min-max normalised into [0, 1]."""
+    if not np.isfinite(target).all():
+        return False
+    return float(target.min()) >= -tolerance and float(target.max()) <= 1 + tolerance
+
+
 def chat(sample: Sample, instruction: str) -> list[dict]:
-    """The sample's turns as chat messages, the image in the first user turn."""
-    turns = sample.turns or [("user", sample.question or instruction), ("assistant", sample.answer or sample.caption)]
+    """The sample's turns as chat messages (system turns included, as they are), the image in the first
+    user turn."""
     messages, image_placed = [], False
-    for role, text in turns:
+    for role, text in conversation(sample, instruction):
         content = [{"type": "text", "text": text}]
         if role == "user" and not image_placed:
             content.insert(0, {"type": "image"})
@@ -121,28 +212,68 @@ def _truncate(inputs: dict[str, torch.Tensor], max_length: int, image_token_id: 
     return True
 
 
+@dataclass
+class Coverage:
+    """How much of the training data the targets store can align, from ids and a small probe."""
+
+    samples: int  # training samples
+    with_targets: int  # of them, held by the store
+    probed: int = 0  # samples with targets that were encoded to look for their words
+    target_words: int = 0  # distinct store words of the probed samples
+    matched_words: int = 0  # of them, found in the text with a usable map
+    unusable_maps: int = 0  # matches whose map was invalid or of the wrong shape
+
+    def __str__(self) -> str:
+        share = _share(self.with_targets, self.samples)
+        text = f"{self.with_targets}/{self.samples} training samples ({share}) have targets"
+        if self.probed:
+            text += (f"; in a probe of {self.probed} of them, {self.matched_words}/{self.target_words} target "
+                     f"words ({_share(self.matched_words, self.target_words)}) matched their text")
+        if self.unusable_maps:
+            text += f" ({self.unusable_maps} matches with an invalid or mis-shaped map)"
+        return text
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "-"
+
+
 class StageTwoDataset(Dataset):
-    """Encodes samples for stage 2 on access (so a DataLoader's workers share the work)."""
+    """Encodes samples for stage 2 on access (so a DataLoader's workers share the work).
+
+    Samples without an answer are refused here (kept in `refused` with the reader's refusals, counted in
+    `events`), so every index is a sample with something to train on."""
 
     def __init__(self, samples: list[Sample], processor, image_token_id: int, targets: AttentionTargets | None,
                  instruction: str, max_length: int, match: str = "exact", position: str = "input",
-                 retries: int = 16):
+                 retries: int = 16, refused: list[Refusal] | None = None, view: ViewFunction | None = None):
+        samples, unanswered = split_answered(samples)
+        self.refused = [*(refused or []), *unanswered]
+        # counted once, not per access; the trainer adds these to its running counts
+        unanswered_count = sum(r.reason == NO_ANSWER for r in self.refused)
+        self.events = Counter({"samples without an answer": unanswered_count} if unanswered_count else {})
         self.samples, self.processor, self.targets = samples, processor, targets
         self.image_token_id, self.instruction, self.max_length = image_token_id, instruction, max_length
         self.match, self.position, self.retries = match, position, retries
         self.text_source = targets.settings.get("text", "caption") if targets is not None else "caption"
         self.placeholder_chars = len(getattr(processor, "image_token", "") or "")
+        # The VLM family's `image_view`: where each image lies on its plane. Without it the whole plane is taken
+        # to be the whole image (right for Qwen2-VL and MiniCPM-V, wrong for letterboxing or cropping families).
+        self.view = view
+        if targets is not None and targets.frame == "unknown":
+            log.warning("the targets store %s does not say which part of each image its maps cover; they are "
+                        "taken to cover the whole image. If that is wrong, state the frame when importing "
+                        "(`lavender targets import --frame ...`)", targets.root)
 
     @classmethod
     def from_paths(cls, data: str, processor, image_token_id: int, targets: str = "", image_root: str = "",
                    limit: int = 0, **kwargs) -> StageTwoDataset:
-        samples = read_samples(resolve_data(data), image_root or None)
-        if limit:
-            samples = samples[:limit]
+        """Read `data` and open the store; raises NoSamplesError if no sample is usable."""
+        samples, refused = read_training_samples(data, image_root, limit)
         if not samples:
-            raise ValueError(f"{data}: no samples with an image")
+            raise NoSamplesError(data, refused)
         store = AttentionTargets(targets) if targets else None
-        return cls(samples, processor, image_token_id, store, **kwargs)
+        return cls(samples, processor, image_token_id, store, refused=refused, **kwargs)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -173,13 +304,16 @@ class StageTwoDataset(Dataset):
         raise RuntimeError(f"{self.retries} samples in a row from index {index} could not be used: {dict(events)}")
 
     def encode(self, sample: Sample, image) -> Encoded:
+        """Inputs, labels and aligned words of one sample; empty inputs if it cannot be trained on."""
         events: Counter = Counter()
         messages = chat(sample, self.instruction)
         text, spans = label_spans(self.processor, messages)
+        answered = [has_text(m["content"][-1]["text"]) for m in messages if m["role"] == "assistant"]
         batch = self.processor(text=[text], images=[[image]], return_tensors="pt", add_special_tokens=False,
                                return_offsets_mapping=True)
         inputs = dict(batch)
-        if inputs["input_ids"].shape[1] > self.max_length:
+        truncated = inputs["input_ids"].shape[1] > self.max_length
+        if truncated:
             events["truncated samples"] += 1
             if not _truncate(inputs, self.max_length, self.image_token_id):
                 log.warning("skipping sample %s: --max-length %d would cut its image", sample.id, self.max_length)
@@ -191,15 +325,37 @@ class StageTwoDataset(Dataset):
         labels = torch.full_like(ids, IGNORE)
         starts = offsets[:, 0]
         real = (offsets[:, 1] > offsets[:, 0]) & (ids != self.image_token_id)
-        for begin, end in spans:
-            inside = real & (starts >= begin) & (starts < end)
-            labels[inside] = ids[inside]
+        for (begin, end), has_reply in zip(spans, answered):
+            if has_reply:  # an empty turn would teach only its end-of-turn mark
+                inside = real & (starts >= begin) & (starts < end)
+                labels[inside] = ids[inside]
+        if not (labels != IGNORE).any():
+            event = "samples whose answer was cut off" if truncated else "samples without an answer"
+            log.warning("skipping sample %s: %s", sample.id, f"--max-length {self.max_length} cuts off its answer"
+                        if truncated else "no answer token in its rendering")
+            events[event] += 1
+            return Encoded({}, sample.id, events=events)
         inputs["labels"] = labels[None]
-        words = self._align(sample, text, spans, offsets, real, events) if self.targets is not None else []
-        return Encoded(inputs, sample.id, words, events)
+        if self.targets is None:
+            return Encoded(inputs, sample.id, [], events)
+        view = self.common_view(sample, image.size, inputs, events)
+        words = self._align(sample, text, spans, offsets, real, events, view) if view is not None else []
+        return Encoded(inputs, sample.id, words, events, view)
+
+    def common_view(self, sample: Sample, image_size: tuple[int, int], inputs: dict,
+                    events: Counter) -> CommonView | None:
+        """The part of the image that the sample's targets and the VLM's plane both describe; None (counted) if
+        they share nothing."""
+        target_frame = frame_box(self.targets.frame, *image_size)
+        plane = self.view(self.processor, image_size, inputs) if self.view is not None else ImageView()
+        common = common_view(target_frame, plane)
+        if common is None:
+            log.warning("sample %s: its targets cover no part of the image the VLM sees", sample.id)
+            events["targets outside the VLM's view"] += 1
+        return common
 
     def _align(self, sample: Sample, text: str, turns: list[tuple[int, int]], offsets: torch.Tensor,
-               real: torch.Tensor, events: Counter) -> list[AlignedWord]:
+               real: torch.Tensor, events: Counter, view: CommonView) -> list[AlignedWord]:
         if sample.id not in self.targets:
             events["samples without targets"] += 1
             return []
@@ -218,11 +374,36 @@ class StageTwoDataset(Dataset):
                 if target.shape != (resolution, resolution):
                     events["targets of the wrong shape"] += 1
                     continue
+                if not valid_target(target):  # NaN, Inf or not normalised: bad data, like a missing map
+                    events["invalid targets"] += 1
+                    continue
                 weights = tuple(float(text_places[r]) / n_text for r in match.rows)
-                words.append(AlignedWord(match.word, match.rows, weights, torch.as_tensor(target)))
+                words.append(AlignedWord(match.word, match.rows, weights, cut_target(target, view)))
         in_text = sum(len(find_words(segment)) for _, segment in segments)
         events["words without a target"] += max(in_text - len(words), 0)
         return words
+
+    def coverage(self, probe: int = 32) -> Coverage:
+        """How many samples the store holds (by id) and, by encoding up to `probe` of them spread evenly over
+        the data, how many of their store words are found in their text. Cheap: one id lookup per sample."""
+        if self.targets is None:
+            return Coverage(len(self.samples), 0)
+        held = [s for s in self.samples if s.id in self.targets]
+        found = Coverage(len(self.samples), len(held))
+        for sample in held[:: max(len(held) // probe, 1)][:probe]:
+            try:
+                encoded = self.encode(sample, sample.load_image())
+            except ChatTemplateError:
+                raise
+            except (OSError, ValueError, RuntimeError, IndexError):
+                continue  # counted when training meets it
+            if not encoded.inputs:
+                continue
+            found.probed += 1
+            found.target_words += len(set(self.targets.words(sample.id)))
+            found.matched_words += len({w.word for w in encoded.words})
+            found.unusable_maps += encoded.events["invalid targets"] + encoded.events["targets of the wrong shape"]
+        return found
 
 
 @dataclass
@@ -232,11 +413,22 @@ class Batch:
     word_sample: torch.Tensor  # (N,) sample index of each word
     events: Counter
     sample_ids: list[str] = field(default_factory=list)
+    views: list[CommonView | None] = field(default_factory=list)  # per sample, as `Encoded.view`
 
     def to(self, device: torch.device | str, **kwargs) -> Batch:
         inputs = {k: v.to(device, **kwargs) for k, v in self.inputs.items()}
         words = [AlignedWord(w.word, w.rows, w.weights, w.target.to(device, **kwargs)) for w in self.words]
-        return Batch(inputs, words, self.word_sample, self.events, self.sample_ids)
+        return Batch(inputs, words, self.word_sample, self.events, self.sample_ids, self.views)
+
+    @property
+    def plane_boxes(self) -> list[Box]:
+        """Per sample, the rectangle of the VLM's image plane its targets are compared on."""
+        return [FULL if v is None else v.in_plane for v in self.views]
+
+    @property
+    def image_boxes(self) -> list[Box]:
+        """Per sample, the rectangle of the original image that comparison covers."""
+        return [FULL if v is None else v.image for v in self.views]
 
     @property
     def label_tokens(self) -> int:
@@ -266,4 +458,4 @@ class Collator:
         words = [w for e in encoded for w in e.words]
         sample = torch.tensor([b for b, e in enumerate(encoded) for _ in e.words], dtype=torch.long)
         events = sum((e.events for e in encoded), Counter())
-        return Batch(inputs, words, sample, events, [e.sample_id for e in encoded])
+        return Batch(inputs, words, sample, events, [e.sample_id for e in encoded], [e.view for e in encoded])

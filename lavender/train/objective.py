@@ -16,6 +16,7 @@ from torch import nn
 from lavender.align.aggregate import aggregate, aligner_channels
 from lavender.align.aligner import Aligner, AlignerConfig
 from lavender.align.loss import word_errors
+from lavender.data.frame import FULL, resample
 from lavender.train.data import IGNORE, Batch
 from lavender.utils.maps import min_max
 from lavender.vlm.base import VLMAdapter, adapter_for
@@ -52,8 +53,9 @@ class AttentionAlignment(nn.Module):
         return self.adapter.capture(self.layers, torch.tensor(rows), self.learned)
 
     def word_maps(self, captured: dict[int, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, list[int]]:
-        """Aggregated attention of every word, resized to the targets' resolution: (words, maps, channels, R, R),
-        and the batch index of each word in that order (words are grouped by sample)."""
+        """Aggregated attention of every word over the part of its image that its target covers too (the
+        sample's `plane_box` of the VLM's plane), resampled to the targets' resolution: (words, maps, channels,
+        R, R), and the batch index of each word in that order (words are grouped by sample)."""
         r = self.aligner.cfg.resolution
         planes = [self.adapter.to_image(captured[layer], batch.inputs) for layer in self.layers]
         owner = batch.word_sample.tolist()
@@ -68,7 +70,8 @@ class AttentionAlignment(nn.Module):
                     weights[self._rows[row]] = weight
             attention = torch.stack([plane[b] for plane in planes]).float()  # (layers, heads, rows, h, w)
             maps = aggregate(attention, mixing, self.aggregation, weights)  # (words, maps, channels, h, w)
-            resized = F.interpolate(maps.flatten(0, 1), size=(r, r), mode="bilinear", align_corners=False)
+            box = batch.plane_boxes[b] if batch.plane_boxes else FULL
+            resized = resample(maps.flatten(0, 1), box, r)  # (words * maps, channels, R, R)
             inputs.append(resized.view(*maps.shape[:3], r, r))
             order += words
         return torch.cat(inputs), order

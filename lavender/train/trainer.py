@@ -5,6 +5,10 @@ normalised by the label tokens and matched words of the whole global batch, so s
 processes or micro-batches does not change it. Checkpoints hold the trainable weights, the optimizer,
 the schedule, every process's RNG and the data position, and are written atomically; a rerun with the
 same `--out` continues from the last one.
+
+Before any of that, the run checks what would otherwise fail late or silently: that the processor has a
+usable chat template, that some records are usable (the refused ones are listed in `<out>/failures.jsonl`),
+and that the targets store covers the data (by sample id, and by the words of a small probe).
 """
 
 from __future__ import annotations
@@ -25,9 +29,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lavender.data.samples import Sample
+from lavender.data.targets import FAILURES_FILE, AttentionTargets
 from lavender.train.config import TrainConfig
-from lavender.train.data import EVENTS, Batch, Collator, StageTwoDataset
+from lavender.train.data import (
+    EVENTS,
+    Batch,
+    ChatTemplateError,
+    Collator,
+    Coverage,
+    NoSamplesError,
+    Refusal,
+    StageTwoDataset,
+    chat,
+    label_spans,
+    read_training_samples,
+    reason_counts,
+)
 from lavender.train.objective import LavenderObjective, build_objective
+from lavender.utils.io import atomic_write_text
 from lavender.vlm.base import adapter_for
 
 log = logging.getLogger(__name__)
@@ -36,11 +56,17 @@ VISION_MODULES = ("vision_model", "vision_tower", "visual")
 PROJECTOR_MODULES = ("multi_modal_projector", "merger")
 TRAINABLE_FILE = "trainable.safetensors"
 ALIGNER_DIR = "aligner"
+COVERAGE_PROBE = 32  # samples with targets encoded before training to see that their words are found
+LOW_COVERAGE = 0.5  # below this share of samples with targets, or of their words matched, warn
 
 
 class TrainingError(ValueError):
     """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint. A
     ValueError, so the command line reports it as a message rather than a traceback."""
+
+
+class CoverageError(ValueError):
+    """The targets store cannot align this data: alignment training would silently be plain fine-tuning."""
 
 
 class Progress:
@@ -60,11 +86,88 @@ class Progress:
 
 def load_vlm(name: str):
     """Model and processor through the standard `from_pretrained` path (hub name or directory)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    return load_model(name), load_processor(name)
+
+
+def load_model(name: str):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(name)
+
+
+def load_processor(name: str, chat_template: str = ""):
+    """The processor of `name`, with `chat_template` (see `read_chat_template`) set on it if given."""
+    from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(name)
-    model = AutoModelForImageTextToText.from_pretrained(name)
-    return model, processor
+    if chat_template:
+        processor.chat_template = read_chat_template(chat_template)
+    return processor
+
+
+def read_chat_template(value: str) -> str:
+    """`--chat-template`: a file holding a Jinja template (or a processor's `chat_template.json`), or the
+    template itself."""
+    path = Path(value)
+    try:
+        is_file = path.is_file()
+    except OSError:  # an inline template longer than a file name may be
+        is_file = False
+    if is_file:
+        text = path.read_text()
+        return json.loads(text)["chat_template"] if path.suffix == ".json" else text
+    if "{{" not in value and "{%" not in value:
+        raise ValueError(f"--chat-template {value!r}: no such file, and not a Jinja template either")
+    return value
+
+
+def check_chat_template(processor, model: str, sample: Sample, instruction: str) -> None:
+    """Stop before any work if the processor cannot render `sample`'s chat for training: otherwise every
+    sample would fail alike, one warning each."""
+    advice = ("pass --chat-template with a Jinja chat template (a file, or the template itself), e.g. the "
+              "instruct model's of the same family")
+    if not getattr(processor, "chat_template", None):
+        raise ChatTemplateError(f"{model}: its processor has no chat template; {advice}")
+    try:
+        label_spans(processor, chat(sample, instruction))
+    except Exception as err:  # a Jinja error, a template that refuses a role, a non-incremental rendering
+        raise ChatTemplateError(f"{model}: its chat template cannot render sample {sample.id!r} for "
+                                f"training ({err}); {advice}") from err
+
+
+def check_coverage(coverage: Coverage, cfg: TrainConfig, text: str) -> list[str]:
+    """Raise CoverageError if the store aligns nothing of this data; else the warnings for low coverage.
+
+    `text` is the store's text source (caption, question, question+answer)."""
+    if coverage.with_targets == 0:
+        raise CoverageError(
+            f"none of the {coverage.samples} training samples has targets in {cfg.targets}, so L_att would be 0 "
+            "at every step: check that the store was extracted from this --data (the sample ids must agree), "
+            "or train without --targets (or with --lam 0) for plain fine-tuning")
+    if coverage.probed and coverage.matched_words == 0:
+        if coverage.unusable_maps:
+            raise CoverageError(
+                f"every target word matched in {coverage.probed} probed samples has an invalid or mis-shaped "
+                f"map in {cfg.targets}: re-extract the store")
+        raise CoverageError(
+            f"none of the {coverage.target_words} target words of {coverage.probed} probed samples was found in "
+            f"their training text, so L_att would be 0 at every step: the store holds maps of the {text} "
+            f"(`lavender extract --text {text}`); check that this --data has the same {text} as the --data the "
+            "store was extracted from, and try --match root if the words differ only in their form")
+    warnings = []
+    if coverage.with_targets < LOW_COVERAGE * coverage.samples:
+        warnings.append(f"only {coverage.with_targets} of {coverage.samples} training samples have targets; "
+                        "the others train on L_VLM alone")
+    if coverage.probed and coverage.matched_words < LOW_COVERAGE * coverage.target_words:
+        warnings.append(f"only {coverage.matched_words} of {coverage.target_words} target words of the probed "
+                        f"samples were found in their text (store text: {text}; try --match root)")
+    return warnings
+
+
+def write_refusals(refused: list[Refusal], path: Path) -> Path:
+    """One JSON line per refused record, `{"id": ..., "reason": ...}`, written atomically (empty if none)."""
+    lines = "".join(json.dumps({"id": r.id, "reason": r.reason}) + "\n" for r in refused)
+    return atomic_write_text(path, lines)
 
 
 def _named(model: nn.Module, names: tuple[str, ...]) -> list[str]:
@@ -177,13 +280,23 @@ class Trainer:
         if self.accelerator.distributed_type.value == "DEEPSPEED" and cfg.grad_accum > 1:
             raise ValueError("with DeepSpeed, set gradient accumulation in its config, not --grad-accum")
         set_seed(cfg.seed)
-        model, self.processor = load_vlm(cfg.model)
+        # the checks that need no model come first
+        self.processor = load_processor(cfg.model, cfg.chat_template)
+        samples, refused = read_training_samples(cfg.data, cfg.image_root, cfg.limit)
+        self._report_refused(refused)
+        if not samples:
+            raise NoSamplesError(cfg.data, refused)
+        check_chat_template(self.processor, cfg.model, samples[0], cfg.instruction)
+        store = AttentionTargets(cfg.targets) if cfg.aligns else None
+        model = load_model(cfg.model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        image_token_id = adapter_for(model).image_token_id
-        self.dataset = StageTwoDataset.from_paths(
-            cfg.data, self.processor, image_token_id, cfg.targets if cfg.aligns else "", cfg.image_root, cfg.limit,
-            instruction=cfg.instruction, max_length=cfg.max_length, match=cfg.match, position=cfg.align_position)
+        family = adapter_for(model)
+        self.dataset = StageTwoDataset(
+            samples, self.processor, family.image_token_id, store, instruction=cfg.instruction,
+            max_length=cfg.max_length, match=cfg.match, position=cfg.align_position, refused=refused,
+            view=type(family).image_view)
+        self._check_coverage()
         resolution = self.dataset.targets.resolution if self.dataset.targets is not None else 32
         model = select_parameters(model, cfg)
         objective = build_objective(model, cfg.aligns, cfg.layers, cfg.aggregation, cfg.aligner(1, resolution))
@@ -201,9 +314,32 @@ class Trainer:
         if len(self.loader) == 0:
             raise ValueError(f"{len(self.dataset)} samples do not make one batch of {cfg.batch_size} per process")
         self.progress = Progress()
+        self.progress.events.update(self.dataset.events)  # counted once; a resumed run loads its own counts
         self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
         self.accelerator.register_save_state_pre_hook(self._save_trainable)
         self.accelerator.register_load_state_pre_hook(self._load_trainable)
+
+    # -- checks before training ---------------------------------------------------------------------------
+    def _report_refused(self, refused: list[Refusal]) -> None:
+        """Log the refused records per reason and list them in `<out>/failures.jsonl` (main process)."""
+        if not self.accelerator.is_main_process:
+            return
+        path = write_refusals(refused, self.out / FAILURES_FILE)
+        if refused:
+            log.warning("%d records of %s were refused (%s); listed in %s", len(refused), self.cfg.data,
+                        ", ".join(f"{reason}: {n}" for reason, n in reason_counts(refused).items()), path)
+
+    def _check_coverage(self) -> None:
+        """Stop if the store aligns nothing of the data, warn if it aligns little, log the numbers. Every process
+        computes the same numbers, so all stop alike."""
+        if self.dataset.targets is None:
+            return
+        coverage = self.dataset.coverage(COVERAGE_PROBE)
+        if self.accelerator.is_main_process:
+            log.info("targets %s: %s", self.cfg.targets, coverage)
+        for warning in check_coverage(coverage, self.cfg, self.dataset.text_source):
+            if self.accelerator.is_main_process:
+                log.warning("%s", warning)
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def _save_trainable(self, models: list[nn.Module], weights: list[dict], output_dir: str) -> None:

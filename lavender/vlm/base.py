@@ -1,8 +1,9 @@
 """One adapter per VLM family, found through a validating registry.
 
-An adapter knows three things about its family: which decoder layers can be aligned, how to capture the
-attention rows of chosen query positions in them, and how those rows' image keys map back onto the image
-plane. Everything else in stage 2 is generic.
+An adapter knows four things about its family: which decoder layers can be aligned, how to capture the
+attention rows of chosen query positions in them, how those rows' image keys map back onto the image
+plane, and where on that plane the image lies (`image_view`: padding excluded, crops accounted for; see
+`lavender.data.frame`). Everything else in stage 2 is generic.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from lavender.data.frame import ImageView
 from lavender.vlm.attention import (
     LearnedProjections,
     capture_self_attention_rows,
@@ -61,6 +63,15 @@ class VLMAdapter(ABC):
     @abstractmethod
     def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
         """(B, heads, R, keys) -> per sample (heads, R, h, w) on that sample's image plane."""
+
+    @classmethod
+    @abstractmethod
+    def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:
+        """Where one sample's image lies on the plane that `to_image` returns.
+
+        `image_size` is the (width, height) of the image given to `processor`, `inputs` the processor's output
+        for that one sample (batch dimension 1). A classmethod: the data pipeline calls it without the model.
+        """
 
 
 class SelfAttentionAdapter(VLMAdapter):

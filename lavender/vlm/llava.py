@@ -3,10 +3,15 @@
 The processor expands `<image>` into G*G tokens (G = image_size / patch_size, the CLS feature dropped by
 the 'default' feature strategy), filled in order with the projected patch features, row-major. A text
 token after the image attends to them through causal self-attention.
+
+Image frame: LLaVA-1.5's CLIP image processor resizes the shorter side and centre-crops a square, so the plane
+shows only the middle of a non-square image (`clip_view`); with `do_pad` (LLaVA's own image processor) it first
+pads the image to a square, and then the plane holds padding bands instead.
 """
 
 from __future__ import annotations
 
+from lavender.data.frame import FULL, ImageView, intersect, relative
 from lavender.vlm.attention import (
     capture_self_attention_rows,
     image_key_positions,
@@ -22,6 +27,41 @@ def patch_grid(model) -> int:
     return vision.image_size // vision.patch_size
 
 
+def _size(size, key: str):
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def clip_view(image_processor, image_size: tuple[int, int]) -> ImageView:
+    """Where a CLIP-style image processor puts a `image_size` = (width, height) image: optional centred padding
+    to a square (`do_pad`), a resize (shorter side to `size["shortest_edge"]`, or to `size` height x width), then an
+    optional centre crop (`do_center_crop`, `crop_size`), as transformers' CLIP and LLaVA image processors do."""
+    width, height = image_size
+    content = FULL  # the image inside the (padded) canvas, fractions of the canvas
+    if getattr(image_processor, "do_pad", False) and width != height:
+        side = max(width, height)
+        top, left = (side - height) // 2 / side, (side - width) // 2 / side
+        content = (top, left, top + height / side, left + width / side)
+        width = height = side
+    size = image_processor.size
+    if getattr(image_processor, "do_resize", True) and _size(size, "shortest_edge"):
+        short = _size(size, "shortest_edge")
+        if width <= height:
+            width, height = short, int(short * height / width)
+        else:
+            width, height = int(short * width / height), short
+    elif getattr(image_processor, "do_resize", True) and _size(size, "height"):
+        width, height = _size(size, "width"), _size(size, "height")
+    window = FULL  # the part of the canvas that reaches the plane, fractions of the canvas
+    if getattr(image_processor, "do_center_crop", False):
+        crop_h, crop_w = _size(image_processor.crop_size, "height"), _size(image_processor.crop_size, "width")
+        top, left = int((height - crop_h) / 2.0), int((width - crop_w) / 2.0)
+        window = (top / height, left / width, (top + crop_h) / height, (left + crop_w) / width)
+    seen = intersect(content, window)
+    if seen is None:
+        raise ValueError(f"the image processor shows nothing of a {image_size[0]} x {image_size[1]} image")
+    return ImageView(plane=relative(seen, window), image=relative(seen, content))
+
+
 @register_adapter
 class LlavaAdapter(SelfAttentionAdapter):
     family = "llava"
@@ -31,7 +71,18 @@ class LlavaAdapter(SelfAttentionAdapter):
         grid = patch_grid(self.model)
         return [(grid, grid)] * batch["input_ids"].shape[0]
 
+    @classmethod
+    def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:
+        return clip_view(processor.image_processor, image_size)
+
 
 learned_projections = self_attention_projections
-__all__ = ["LlavaAdapter", "capture_self_attention_rows", "image_key_positions", "keys_to_plane", "learned_projections",
-           "patch_grid"]
+__all__ = [
+    "LlavaAdapter",
+    "capture_self_attention_rows",
+    "clip_view",
+    "image_key_positions",
+    "keys_to_plane",
+    "learned_projections",
+    "patch_grid",
+]

@@ -24,6 +24,9 @@ or 2 (`"4x"`); they fill the `image_token_id` positions in sequence order. The p
 image as `<image_id>k</image_id><image>` + overview tokens + `</image>`, then, with `slice_mode`, the
 slices as `<slice>` + tokens + `</slice>` rows joined by newlines.
 
+Image frame: the overview crop is the whole image resized to a multiple of the patch size (no padding, no
+cropping), so the plane is the whole image.
+
 Supported: one image per sample, overview only (the image processor's `slice_mode=False`), so each sample
 has exactly one run of image tokens and one row of `target_sizes`; `to_image` raises a `ValueError`
 otherwise. Not supported: slices (their grid is dropped by the processor and would have to be read back
@@ -41,6 +44,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lavender.data.frame import ImageView
 from lavender.vlm.attention import (
     LearnedProjections,
     _plain_copy,
@@ -192,6 +196,10 @@ class MiniCPMVAdapter(SelfAttentionAdapter):
 
     def image_planes(self, batch: dict) -> list[tuple[int, int]]:
         return overview_planes(batch, token_factor(self.model.config, batch.get("downsample_mode")))
+
+    @classmethod
+    def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:
+        return ImageView()  # the overview: the whole image on the whole plane
 
     def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
         try:

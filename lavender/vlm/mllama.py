@@ -4,6 +4,10 @@ Keys of a cross-attention layer are laid out per image as `[tile][CLS, patches]`
 `max_num_tiles` tiles of `1 + G*G` tokens each (G = image_size / patch_size), the CLS token first and the
 patches row-major. The processor cuts the resized image into tiles row-major over an (n_rows, n_cols) grid
 given by `aspect_ratio_ids`; tiles beyond n_rows * n_cols are padding and masked out.
+
+Image frame: the processor shrinks (or grows) the image, keeping its aspect ratio, to fit that canvas of
+n_rows x n_cols tiles and pads the rest at the right and bottom; so the image fills the top-left of the canvas
+and the rest of the plane is padding (`image_view`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from lavender.data.frame import ImageView
 from lavender.vlm.attention import LearnedProjections, attention_rows, row_capture_hooks, text_decoder_layers
 from lavender.vlm.base import VLMAdapter, register_adapter
 
@@ -45,6 +50,18 @@ def keys_to_canvas(values: torch.Tensor, aspect_ratio_id: int, max_num_tiles: in
     tiles = tiles.reshape(*lead, n_rows, n_cols, grid, grid)  # (..., tile row, tile col, r, c)
     canvas = tiles.movedim(-3, -2)  # (..., tile row, r, tile col, c)
     return canvas.reshape(*lead, n_rows * grid, n_cols * grid)
+
+
+def canvas_view(image_processor, image_size: tuple[int, int], aspect_ratio_id: int) -> ImageView:
+    """The part of the tile canvas the image fills: its top-left corner, scaled as the image processors do (their
+    `get_image_size_fit_to_canvas`, from the PIL backend, which needs no torchvision); the rest is padding."""
+    from transformers.models.mllama.image_processing_pil_mllama import get_image_size_fit_to_canvas
+
+    tile = image_processor.size["height"]
+    n_rows, n_cols = tile_arrangement(aspect_ratio_id, image_processor.max_image_tiles)
+    width, height = image_size
+    new_h, new_w = get_image_size_fit_to_canvas(height, width, n_rows * tile, n_cols * tile, tile)
+    return ImageView(plane=(0.0, 0.0, new_h / (n_rows * tile), new_w / (n_cols * tile)))
 
 
 def cross_attention_layers(model) -> list[int]:
@@ -109,6 +126,10 @@ class MllamaAdapter(VLMAdapter):
 
     def learned_projections(self, layers):
         return learned_projections(self.model, layers)
+
+    @classmethod
+    def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:
+        return canvas_view(processor.image_processor, image_size, int(inputs["aspect_ratio_ids"][0, 0]))
 
     def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
         vision = self.model.config.vision_config

@@ -15,6 +15,9 @@ and puts them back in this order after the merger.) The processor expands `<|ima
 t*h*w / m^2 such tokens, which the model fills in this order; M-RoPE gives token j the 3-D position
 (t, row, column) of the same cell.
 
+Image frame: the processor resizes the whole image to its patch multiple (`smart_resize`), without padding
+or cropping, so the plane is the whole image.
+
 Rotary embedding: in transformers 5 the model's rotary module already mixes the temporal, height and width
 sections into per-token `cos`/`sin` of shape (B, S, head_dim), and the attention applies the plain
 rotate-half function of its modeling module; the capture reuses that very function.
@@ -22,6 +25,7 @@ rotate-half function of its modeling module; the capture reuses that very functi
 
 from __future__ import annotations
 
+from lavender.data.frame import ImageView
 from lavender.vlm.attention import (
     capture_self_attention_rows,
     image_key_positions,
@@ -56,6 +60,10 @@ class Qwen2VLAdapter(SelfAttentionAdapter):
 
     def image_planes(self, batch: dict) -> list[tuple[int, int]]:
         return image_planes(batch, self.model.config.vision_config.spatial_merge_size)
+
+    @classmethod
+    def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:
+        return ImageView()  # the whole image on the whole plane
 
 
 learned_projections = self_attention_projections

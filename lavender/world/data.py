@@ -4,7 +4,7 @@ Layout of an output directory:
     images/<split>-<n>.png
     <split>.json                   LLaVA records: id, image, conversations, objects
     masks-<split>.safetensors      uint8 (H, W) mask per "<id>/<word>" for each colour/shape word
-    world.json                     the generator's settings
+    world.json                     the generator's settings, with the resolved width and height
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class WorldDataConfig:
     out: str = field(default="shapes-world", metadata={"help": "output directory"})
     seed: int = field(default=0, metadata={"help": "random seed; the same seed gives the same world"})
     size: int = field(default=64, metadata={"help": "image side in pixels"})
+    width: int = field(default=0, metadata={"help": "image width in pixels; 0 uses size"})
+    height: int = field(default=0, metadata={"help": "image height in pixels; 0 uses size"})
     train: int = field(default=1000, metadata={"help": "training scenes"})
     test: int = field(default=200, metadata={"help": "held-out in-distribution scenes"})
     ood: int = field(default=200, metadata={"help": "scenes with held-out colour-shape combinations"})
@@ -38,8 +40,15 @@ class WorldDataConfig:
     def __post_init__(self) -> None:
         if self.size < 16:
             raise ValueError("size must be at least 16 pixels")
+        if min(self.canvas) < 16:
+            raise ValueError(f"width and height must be 0 (use size) or at least 16 pixels, got {self.canvas}")
         if not 1 <= self.max_objects <= 4:
             raise ValueError("max_objects must be between 1 and 4")
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        """(width, height) of every image."""
+        return self.width or self.size, self.height or self.size
 
 
 def record(sample_id: str, image: str, caption: str, qa: list[tuple[str, str]], objects: list) -> dict:
@@ -59,7 +68,7 @@ def write_world(cfg: WorldDataConfig) -> Path:
         rng = random.Random(cfg.seed * 1000 + index)
         records, masks = [], {}
         for i in tqdm(range(n), desc=f"world {split}", unit="scene"):
-            scene = make_scene(rng, size=cfg.size, split=split, max_objects=cfg.max_objects)
+            scene = make_scene(rng, size=cfg.canvas, split=split, max_objects=cfg.max_objects)
             sample_id = f"{split}-{i:06d}"
             image = f"images/{sample_id}.png"
             atomic_write(out / image, lambda tmp, im=scene.image: im.save(tmp, format="PNG"))
@@ -68,7 +77,9 @@ def write_world(cfg: WorldDataConfig) -> Path:
                 masks[f"{sample_id}/{word}"] = torch.from_numpy(m.astype(np.uint8))
         atomic_write_json(out / f"{split}.json", records)
         atomic_write(out / f"masks-{split}.safetensors", lambda tmp, m=masks: save_file(m, str(tmp)))
-    atomic_write_json(out / "world.json", {**asdict(cfg), "held_out": sorted(map(list, HELD_OUT))})
+    width, height = cfg.canvas
+    settings = {**asdict(cfg), "width": width, "height": height, "held_out": sorted(map(list, HELD_OUT))}
+    atomic_write_json(out / "world.json", settings)
     return out
 
 

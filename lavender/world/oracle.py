@@ -32,8 +32,10 @@ def write_oracle_store(masks_file: str | Path, out: str | Path, resolution: int 
     out = Path(out)
     writer = TargetsWriter(out, prefix="oracle")
     for sample_id, words in sorted(read_masks(masks_file).items()):
-        writer.add(sample_id, {w: mask_to_target(m, resolution) for w, m in words.items()})
+        size = next(iter(words.values())).shape[::-1]  # (width, height)
+        writer.add(sample_id, {w: mask_to_target(m, resolution) for w, m in words.items()}, image_size=size)
     writer.flush()
-    write_store_info(out, {"resolution": resolution, "text": text, "oracle": True}, "shapes-world masks")
+    settings = {"resolution": resolution, "text": text, "oracle": True, "frame": "full"}
+    write_store_info(out, settings, "shapes-world masks")
     write_index(out)
     return out

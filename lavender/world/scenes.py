@@ -24,7 +24,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (240, 130, 20),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-SIZES: dict[str, float] = {"small": 0.2, "large": 0.3}  # side length as a fraction of the image
+SIZES: dict[str, float] = {"small": 0.2, "large": 0.3}  # side length as a fraction of the shorter image side
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 # Colour-shape combinations that never appear in training scenes (out-of-distribution split).
 HELD_OUT: frozenset[tuple[str, str]] = frozenset(
@@ -93,8 +93,17 @@ def relation(a: SceneObject, b: SceneObject) -> str:
     return "above" if dy < 0 else "below"
 
 
-def _shape_mask(shape: str, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-    mask = Image.new("L", (size, size), 0)
+def _canvas(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of a canvas given as one side or as (width, height)."""
+    w, h = size if isinstance(size, (tuple, list)) else (size, size)
+    if min(w, h) < 4:
+        raise ValueError(f"canvas {w}x{h} is narrower than the smallest object (4 pixels)")
+    return w, h
+
+
+def _shape_mask(shape: str, box: tuple[int, int, int, int], w: int, h: int) -> np.ndarray:
+    """bool (H, W) mask of the shape drawn in `box`."""
+    mask = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(mask)
     x0, y0, x1, y1 = box
     if shape == "circle":
@@ -108,14 +117,14 @@ def _shape_mask(shape: str, box: tuple[int, int, int, int], size: int) -> np.nda
     return np.asarray(mask) > 127
 
 
-def _fill_pattern(shape: str, colour: str, size: int) -> np.ndarray:
-    """The object's texture over the whole canvas: (H, W, 3) uint8."""
+def _fill_pattern(shape: str, colour: str, w: int, h: int) -> np.ndarray:
+    """The object's texture over the whole canvas: (H, W, 3) uint8; stripe period follows the shorter side."""
     rgb = np.array(COLOURS[colour], dtype=np.float32)
     dark = rgb * 0.45
-    period = max(4, round(size / 10))
-    yy, xx = np.mgrid[0:size, 0:size]
+    period = max(4, round(min(w, h) / 10))
+    yy, xx = np.mgrid[0:h, 0:w]  # (H, W) each
     if shape == "circle":
-        stripe = np.zeros((size, size), bool)
+        stripe = np.zeros((h, w), bool)
     elif shape == "square":
         stripe = (yy // (period // 2)) % 2 == 1
     else:
@@ -124,24 +133,27 @@ def _fill_pattern(shape: str, colour: str, size: int) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _background(rng: random.Random, size: int) -> np.ndarray:
+def _background(rng: random.Random, w: int, h: int) -> np.ndarray:
+    """(H, W, 3) uint8 plain or lightly textured background."""
     base = rng.choice([(245, 245, 245), (230, 230, 225), (240, 235, 220), (225, 232, 240)])
-    img = np.empty((size, size, 3), np.float32)
+    img = np.empty((h, w, 3), np.float32)
     img[:] = base
     if rng.random() < 0.5:  # light texture
-        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 6, (size, size, 1))
+        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 6, (h, w, 1))
         img += noise
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _place(rng: random.Random, n: int, size: int) -> list[tuple[str, tuple[int, int, int, int]]] | None:
+def _place(rng: random.Random, n: int, w: int, h: int) -> list[tuple[str, tuple[int, int, int, int]]] | None:
+    """Non-overlapping square boxes anywhere on the canvas, sized and spaced by its shorter side."""
     placed: list[tuple[str, tuple[int, int, int, int]]] = []
-    gap = max(1, size // 32)
+    short = min(w, h)
+    gap = max(1, short // 32)
     for _ in range(n):
         for _attempt in range(100):
             label = rng.choice(list(SIZES))
-            side = max(4, round(SIZES[label] * size))
-            x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
+            side = max(4, round(SIZES[label] * short))
+            x0, y0 = rng.randint(0, w - side), rng.randint(0, h - side)
             box = (x0, y0, x0 + side, y0 + side)
             if all(
                 box[0] >= o[2] + gap or o[0] >= box[2] + gap or box[1] >= o[3] + gap or o[1] >= box[3] + gap
@@ -206,13 +218,18 @@ def allowed_combos(split: str) -> list[tuple[str, str]]:
     return every if split == "ood" else [cs for cs in every if cs not in HELD_OUT]
 
 
-def make_scene(rng: random.Random, size: int = 64, split: str = "train",
+def make_scene(rng: random.Random, size: int | tuple[int, int] = 64, split: str = "train",
                min_objects: int = 1, max_objects: int = 4) -> Scene:
-    """Draw one random scene of `split` ('train', 'test' or 'ood') at `size` x `size` pixels."""
+    """Draw one random scene of `split` ('train', 'test' or 'ood').
+
+    `size` is the side of a square canvas or (width, height), as PIL's `Image.size`; a square
+    given either way draws the same scene.
+    """
+    w, h = _canvas(size)
     combos = allowed_combos(split)
     while True:
         n = rng.randint(min_objects, max_objects)
-        placed = _place(rng, n, size)
+        placed = _place(rng, n, w, h)
         if placed is None:
             continue
         kinds = [rng.choice(combos) for _ in placed]
@@ -224,11 +241,11 @@ def make_scene(rng: random.Random, size: int = 64, split: str = "train",
         (SceneObject(shape=s, colour=c, size=label, box=box) for (c, s), (label, box) in zip(kinds, placed)),
         key=lambda o: o.centre,
     )
-    canvas = _background(rng, size)
+    canvas = _background(rng, w, h)  # (H, W, 3)
     masks = []
     for obj in objects:
-        m = _shape_mask(obj.shape, obj.box, size)
-        canvas[m] = _fill_pattern(obj.shape, obj.colour, size)[m]
+        m = _shape_mask(obj.shape, obj.box, w, h)  # (H, W)
+        canvas[m] = _fill_pattern(obj.shape, obj.colour, w, h)[m]
         masks.append(m)
     caption = caption_for(objects)
     qa = questions_for(rng, objects, allowed_combos(split))

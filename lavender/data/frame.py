@@ -1,0 +1,121 @@
+"""One image frame for both stages: which part of the original image a map covers, and moving maps between frames.
+
+The convention. A per-word map describes a rectangle of the original image (upright, after EXIF orientation),
+its *frame*, resampled to R x R cells: cell (i, j) covers rows [i/R, (i+1)/R) and columns [j/R, (j+1)/R) of
+that rectangle, whatever the image's aspect ratio. `lavender extract` writes maps of the whole image
+(frame `"full"`); earlier versions centre-cropped a square (`"center-square"`); maps imported from elsewhere
+may have an `"unknown"` frame.
+
+A VLM never sees exactly that: Mllama shrinks the image into a canvas of tiles and pads the rest, LLaVA-1.5's
+CLIP processor centre-crops, Qwen2-VL stretches the whole image to a multiple of its patch size. Each VLM adapter
+therefore describes, per sample, an `ImageView`: the rectangle of its image plane that shows image content and
+the rectangle of the original image that content is. Stage 2 compares a target and the VLM's attention on the
+part of the image both describe, each resampled to R x R (`common_view`).
+
+Boxes are `(top, left, bottom, right)` fractions of an extent: of the original image's height and width, or of
+the rows and columns of a map or plane.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Box = tuple[float, float, float, float]  # (top, left, bottom, right), fractions
+FULL: Box = (0.0, 0.0, 1.0, 1.0)
+FRAMES = ("full", "center-square", "unknown")
+MIN_SIDE = 1e-3  # a view thinner than this share of the image is treated as empty
+
+
+def frame_box(frame: str, width: int, height: int) -> Box:
+    """The rectangle of a `width` x `height` image that a map of `frame` covers.
+
+    An `"unknown"` frame is read as the whole image (callers warn about it). Raises ValueError for other names.
+    """
+    if frame in ("full", "unknown"):
+        return FULL
+    if frame == "center-square":
+        side = min(width, height)
+        top, left = (height - side) / 2 / height, (width - side) / 2 / width
+        return (top, left, top + side / height, left + side / width)
+    raise ValueError(f"unknown image frame {frame!r}; known: {FRAMES}")
+
+
+def intersect(a: Box, b: Box) -> Box | None:
+    """The overlap of two boxes, or None if they share less than `MIN_SIDE` along either axis."""
+    box = (max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+    return box if box[2] - box[0] > MIN_SIDE and box[3] - box[1] > MIN_SIDE else None
+
+
+def relative(inner: Box, outer: Box) -> Box:
+    """`inner` (in the same coordinates as `outer`) expressed as fractions of `outer`."""
+    h, w = outer[2] - outer[0], outer[3] - outer[1]
+    return ((inner[0] - outer[0]) / h, (inner[1] - outer[1]) / w, (inner[2] - outer[0]) / h,
+            (inner[3] - outer[1]) / w)
+
+
+def absolute(inner: Box, outer: Box) -> Box:
+    """The inverse of `relative`: `inner`, given as fractions of `outer`, in `outer`'s own coordinates."""
+    h, w = outer[2] - outer[0], outer[3] - outer[1]
+    return (outer[0] + inner[0] * h, outer[1] + inner[1] * w, outer[0] + inner[2] * h, outer[1] + inner[3] * w)
+
+
+@dataclass(frozen=True)
+class ImageView:
+    """Where a VLM shows an image: `plane` is the rectangle of its image plane (fractions of the plane's rows and
+    columns) holding image content, `image` the rectangle of the original image shown there (fractions of its
+    height and width). Padding lies outside `plane`; a crop makes `image` smaller than the whole."""
+
+    plane: Box = FULL
+    image: Box = FULL
+
+    def to_plane(self, image_box: Box) -> Box:
+        """A rectangle of the original image, as fractions of the plane (linear between the two boxes)."""
+        return absolute(relative(image_box, self.image), self.plane)
+
+
+@dataclass(frozen=True)
+class CommonView:
+    """The part of the image that both a target and a VLM's plane describe, and where it lies in each."""
+
+    image: Box  # fractions of the original image
+    in_target: Box  # fractions of the target map
+    in_plane: Box  # fractions of the VLM's image plane
+
+
+def common_view(target_frame: Box, view: ImageView) -> CommonView | None:
+    """What a target of frame `target_frame` and a plane seen as `view` have in common (None if nothing)."""
+    shared = intersect(target_frame, view.image)
+    if shared is None:
+        return None
+    return CommonView(shared, relative(shared, target_frame), view.to_plane(shared))
+
+
+def resample(maps: torch.Tensor, src: Box = FULL, size: int | tuple[int, int] = 32, dst: Box = FULL) -> torch.Tensor:
+    """Draw the content of `src` (fractions of the maps' extent) onto the `dst` rectangle of a new grid.
+
+    maps: (..., h, w) -> (..., size, size) (or (..., H, W) for `size=(H, W)`), bilinear, sampled at the new
+    cells' centres; cells outside `dst` are 0. With `src` and `dst` both the whole extent this is exactly
+    `F.interpolate(..., mode="bilinear", align_corners=False)`. Differentiable in `maps`.
+    """
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    lead, (h, w) = maps.shape[:-2], maps.shape[-2:]
+    flat = maps.reshape(1, -1, h, w)  # (1, N, h, w)
+    if src == FULL and dst == FULL:
+        if (h, w) == (out_h, out_w):
+            return maps
+        out = F.interpolate(flat, size=(out_h, out_w), mode="bilinear", align_corners=False)
+        return out.reshape(*lead, out_h, out_w)
+    dtype = maps.dtype if maps.is_floating_point() else torch.float32
+    ys = (torch.arange(out_h, device=maps.device, dtype=torch.float64) + 0.5) / out_h  # cell centres, dst coords
+    xs = (torch.arange(out_w, device=maps.device, dtype=torch.float64) + 0.5) / out_w
+    uy, ux = (ys - dst[0]) / (dst[2] - dst[0]), (xs - dst[1]) / (dst[3] - dst[1])  # fractions of dst
+    inside = ((uy >= 0) & (uy < 1))[:, None] & ((ux >= 0) & (ux < 1))[None, :]  # (H, W), half-open like cells
+    sy, sx = src[0] + uy * (src[2] - src[0]), src[1] + ux * (src[3] - src[1])  # fractions of the maps
+    grid = torch.stack(torch.broadcast_tensors(sx[None, :] * 2 - 1, sy[:, None] * 2 - 1), dim=-1)  # (H, W, 2)
+    out = F.grid_sample(flat.to(dtype), grid[None].to(dtype), mode="bilinear", padding_mode="border",
+                        align_corners=False)  # (1, N, H, W)
+    out = out * inside.to(dtype)
+    return out.reshape(*lead, out_h, out_w)
