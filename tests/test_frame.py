@@ -28,6 +28,24 @@ def test_resample_of_whole_boxes_is_bilinear_interpolation():
     torch.testing.assert_close(resample(maps, nearly_full, 9), expected, atol=1e-6, rtol=1e-5)
 
 
+def test_shrinking_pools_by_area_so_every_key_counts():
+    """80 x 80 -> 32 and 112 x 112 -> 32: every input cell gets weight and gradient (bilinear sampling without
+    antialiasing reaches only 64% and 33% of them), and whole multiples equal adaptive average pooling."""
+    for side in (80, 112):
+        maps = torch.rand(side, side, requires_grad=True)
+        resample(maps, FULL, 32).sum().backward()
+        assert (maps.grad > 0).all()
+        sampled = torch.rand(1, 1, side, side, requires_grad=True)
+        F.interpolate(sampled, size=(32, 32), mode="bilinear", align_corners=False).sum().backward()
+        assert (sampled.grad > 0).float().mean() < 0.7  # what the area pooling fixes
+    maps = torch.rand(2, 3, 64, 96)
+    torch.testing.assert_close(resample(maps, FULL, (16, 32)), F.adaptive_avg_pool2d(maps, (16, 32)))
+    mass = torch.rand(80, 60)  # pooling keeps the mean, also for ratios that are not whole
+    torch.testing.assert_close(resample(mass, FULL, (32, 32)).mean(), mass.mean(), rtol=1e-5, atol=1e-6)
+    mixed = resample(torch.rand(6, 40), FULL, (12, 8))  # taller (bilinear) and narrower (area) at once
+    assert mixed.shape == (12, 8)
+
+
 def test_resample_crops_and_pastes_boxes():
     maps = torch.zeros(8, 8)
     maps[2, 5] = 1.0  # the cell at rows [0.25, 0.375), columns [0.625, 0.75)

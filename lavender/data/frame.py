@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 Box = tuple[float, float, float, float]  # (top, left, bottom, right), fractions
 FULL: Box = (0.0, 0.0, 1.0, 1.0)
@@ -93,29 +92,43 @@ def common_view(target_frame: Box, view: ImageView) -> CommonView | None:
     return CommonView(shared, relative(shared, target_frame), view.to_plane(shared))
 
 
+def _axis_weights(n_in: int, src: tuple[float, float], n_out: int, dst: tuple[float, float],
+                  device: torch.device) -> torch.Tensor:
+    """(n_out, n_in) weights that take `n_in` cells, of which [src[0], src[1]) (fractions) is wanted, to `n_out`
+    cells, of which [dst[0], dst[1]) receives it. An output cell wider than an input cell averages the input
+    cells it overlaps, by overlap (area pooling: every input cell counts); a narrower one interpolates linearly
+    between the two nearest input centres (bilinear, edges clamped). Cells whose centre lies outside dst get 0."""
+    j = torch.arange(n_out, device=device, dtype=torch.float64)
+    scale = (src[1] - src[0]) * n_in / (dst[1] - dst[0])  # input cells per unit of output fraction
+    start = (src[0] + (j / n_out - dst[0]) / (dst[1] - dst[0]) * (src[1] - src[0])) * n_in  # in input cells
+    end = start + scale / n_out
+    centre = (start + end) / 2
+    inside = (centre >= src[0] * n_in - 1e-9) & (centre < src[1] * n_in - 1e-9)  # centre within the src box
+    i = torch.arange(n_in, device=device, dtype=torch.float64)
+    if scale / n_out > 1:  # shrinking: overlap of [start, end) with each input cell [i, i + 1)
+        lo, hi = start.clamp(0, n_in)[:, None], end.clamp(0, n_in)[:, None]
+        overlap = (torch.minimum(hi, i + 1) - torch.maximum(lo, i)).clamp_min(0)  # (n_out, n_in)
+        weights = overlap / overlap.sum(1, keepdim=True).clamp_min(1e-12)
+    else:  # enlarging: linear between the neighbouring input centres (cell i's centre is at i + 0.5)
+        x = (centre - 0.5).clamp(0, n_in - 1)[:, None]
+        weights = (1 - (x - i).abs()).clamp_min(0)  # (n_out, n_in), two non-zero entries per row
+    return weights * inside[:, None]
+
+
 def resample(maps: torch.Tensor, src: Box = FULL, size: int | tuple[int, int] = 32, dst: Box = FULL) -> torch.Tensor:
     """Draw the content of `src` (fractions of the maps' extent) onto the `dst` rectangle of a new grid.
 
-    maps: (..., h, w) -> (..., size, size) (or (..., H, W) for `size=(H, W)`), bilinear, sampled at the new
-    cells' centres; cells outside `dst` are 0. With `src` and `dst` both the whole extent this is exactly
-    `F.interpolate(..., mode="bilinear", align_corners=False)`. Differentiable in `maps`.
+    maps: (..., h, w) -> (..., size, size) (or (..., H, W) for `size=(H, W)`). Along each axis, shrinking
+    averages the input cells each new cell covers, by area, so every input cell (an image key, in stage 2)
+    gets its share of the weight and the gradient; enlarging interpolates bilinearly (as
+    `F.interpolate(..., mode="bilinear", align_corners=False)`, which it equals for whole boxes). Cells outside
+    `dst` are 0. Used by both stages, so a map is resized the same way wherever it is resized. Differentiable.
     """
     out_h, out_w = (size, size) if isinstance(size, int) else size
-    lead, (h, w) = maps.shape[:-2], maps.shape[-2:]
-    flat = maps.reshape(1, -1, h, w)  # (1, N, h, w)
-    if src == FULL and dst == FULL:
-        if (h, w) == (out_h, out_w):
-            return maps
-        out = F.interpolate(flat, size=(out_h, out_w), mode="bilinear", align_corners=False)
-        return out.reshape(*lead, out_h, out_w)
+    h, w = maps.shape[-2:]
+    if src == FULL and dst == FULL and (h, w) == (out_h, out_w):
+        return maps
     dtype = maps.dtype if maps.is_floating_point() else torch.float32
-    ys = (torch.arange(out_h, device=maps.device, dtype=torch.float64) + 0.5) / out_h  # cell centres, dst coords
-    xs = (torch.arange(out_w, device=maps.device, dtype=torch.float64) + 0.5) / out_w
-    uy, ux = (ys - dst[0]) / (dst[2] - dst[0]), (xs - dst[1]) / (dst[3] - dst[1])  # fractions of dst
-    inside = ((uy >= 0) & (uy < 1))[:, None] & ((ux >= 0) & (ux < 1))[None, :]  # (H, W), half-open like cells
-    sy, sx = src[0] + uy * (src[2] - src[0]), src[1] + ux * (src[3] - src[1])  # fractions of the maps
-    grid = torch.stack(torch.broadcast_tensors(sx[None, :] * 2 - 1, sy[:, None] * 2 - 1), dim=-1)  # (H, W, 2)
-    out = F.grid_sample(flat.to(dtype), grid[None].to(dtype), mode="bilinear", padding_mode="border",
-                        align_corners=False)  # (1, N, H, W)
-    out = out * inside.to(dtype)
-    return out.reshape(*lead, out_h, out_w)
+    rows = _axis_weights(h, (src[0], src[2]), out_h, (dst[0], dst[2]), maps.device).to(dtype)  # (H, h)
+    cols = _axis_weights(w, (src[1], src[3]), out_w, (dst[1], dst[3]), maps.device).to(dtype)  # (W, w)
+    return torch.einsum("yh,...hw,xw->...yx", rows, maps.to(dtype), cols)
