@@ -1,4 +1,5 @@
-"""The captured cross-attention equals an explicit softmax(QK^T / sqrt(d)) from the layer's own q and k."""
+"""The captured cross-attention equals an explicit softmax(QK^T / sqrt(d) + mask) from the layer's own (normed) q and
+k, the layer's output is the stock processor's, and what the capture cannot reproduce is refused."""
 
 from __future__ import annotations
 
@@ -8,9 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from lavender.diffusion.capture import AttentionRecorder, capture_cross_attention, cross_attention_layers
+from lavender.data.frame import FULL, resample
+from lavender.diffusion.capture import (
+    AttentionRecorder,
+    CrossAttentionCapture,
+    capture_cross_attention,
+    cross_attention_layers,
+)
 
 
 class RawRecorder(AttentionRecorder):
@@ -133,3 +140,111 @@ def test_recorder_records_only_selected_rows_and_resolutions():
         unet(latents, 3, encoder_hidden_states=text)
     with pytest.raises(RuntimeError):
         recorder.mean()
+
+
+# -- one diffusers Attention layer, with the features AttnProcessor2_0 handles -------------------------------------
+def _layer(qk_norm: str | None = "layer_norm", query_dim: int = 16, **kwargs) -> Attention:
+    """A cross-attention layer: 16-wide queries, 12-wide text, 2 heads of 8; norms and biases made non-trivial."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=query_dim, cross_attention_dim=12, heads=2, dim_head=8, bias=True, qk_norm=qk_norm,
+                     **kwargs).eval()
+    with torch.no_grad():
+        for norm in (attn.norm_q, attn.norm_k, attn.group_norm, attn.norm_cross):
+            for p in norm.parameters() if norm is not None else ():
+                p.uniform_(0.5, 1.5)
+    return attn
+
+
+def _mask(kind: str, b: int, heads: int, n_q: int, n_tokens: int) -> torch.Tensor:
+    keep = torch.ones(b, n_tokens, dtype=torch.bool)
+    keep[0, 3:], keep[1, 4:] = False, False
+    if kind == "bias":  # what UNet2DConditionModel makes of encoder_attention_mask: (B, 1, L)
+        return (~keep).float()[:, None] * -10000.0
+    if kind == "keep":  # boolean, True takes part: (B, 1, L)
+        return keep[:, None]
+    return torch.randn(b * heads, n_q, n_tokens)  # "per-head": a bias per head and query, (B * heads, Q, L)
+
+
+@pytest.mark.parametrize("qk_norm", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("mask_kind", ["bias", "keep", "per-head"])
+def test_qk_norms_and_masks_are_applied_as_diffusers_does(qk_norm, mask_kind):
+    """(a) the recorded probabilities are softmax(norm_q(q) norm_k(k)^T / sqrt(d) + mask), computed here by hand
+    from the layer's own projections; (b) the layer's output is AttnProcessor2_0's."""
+    attn = _layer(qk_norm)
+    b, n_q, n_tokens, heads, d = 2, 16, 6, 2, 8
+    x, text = torch.randn(b, n_q, 16), torch.randn(b, n_tokens, 12)
+    mask = _mask(mask_kind, b, heads, n_q, n_tokens)
+    recorder = RawRecorder(resolution=4)
+    recorder.reset((4, 4))
+    recorder.active = True
+    with torch.no_grad():
+        out = CrossAttentionCapture(recorder)(attn, x, text, mask)
+        stock = AttnProcessor2_0()(attn, x, text, mask)
+        q = attn.norm_q(attn.to_q(x).view(b, n_q, heads, d).transpose(1, 2))
+        k = attn.norm_k(attn.to_k(text).view(b, n_tokens, heads, d).transpose(1, 2))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, heads, Q, L)
+    if mask_kind == "keep":
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    else:
+        scores = scores + (mask[:, None] if mask_kind == "bias" else mask.view(b, heads, n_q, n_tokens))
+    (probs,) = recorder.raw
+    torch.testing.assert_close(probs, scores.softmax(-1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
+
+
+def test_every_stock_feature_gives_the_stock_output():
+    """Spatial norm, group norm, cross-attention norm, q/k norms, 4-D input, residual and output rescaling."""
+    attn = _layer("layer_norm", query_dim=32, spatial_norm_dim=3, norm_num_groups=4,
+                  cross_attention_norm="layer_norm", residual_connection=True, rescale_output_factor=2.0)
+    x, text, temb = torch.randn(2, 32, 4, 4), torch.randn(2, 5, 12), torch.randn(2, 3, 2, 2)
+    mask = _mask("bias", 2, 2, 16, 5)
+    recorder = RawRecorder(resolution=4)
+    recorder.reset((4, 4))
+    recorder.active = True
+    with torch.no_grad():
+        out = CrossAttentionCapture(recorder)(attn, x, text, mask, temb)
+        stock = AttnProcessor2_0()(attn, x, text, mask, temb)
+    assert len(recorder.raw) == 1 and out.shape == x.shape
+    torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "problem"), [
+    (dict(added_kv_proj_dim=12), "added key/value"),
+    (dict(kv_heads=1), "kv_heads"),
+    (dict(qk_norm="rms_norm_across_heads", kv_heads=2), "not per head"),
+    (dict(scale_qk=False), "scale_qk"),
+    (dict(residual_connection=True, out_dim=32), "residual connection"),
+    (dict(pre_only=True), "pre_only"),
+])
+def test_features_the_capture_does_not_reproduce_are_refused(kwargs, problem):
+    attn = _layer(**{"qk_norm": None, **kwargs})
+    recorder = AttentionRecorder(resolution=4)
+    recorder.reset((4, 4))
+    recorder.active = True
+    with pytest.raises(ValueError, match=problem):
+        CrossAttentionCapture(recorder)(attn, torch.randn(1, 16, 16), torch.randn(1, 5, 12))
+
+
+def test_capture_refuses_an_unsupported_layer_before_installing():
+    unet = _unet()
+    name = cross_attention_layers(unet)[0].removesuffix(".processor")
+    unet.get_submodule(name).add_k_proj = torch.nn.Linear(24, 16)  # an added key/value projection
+    before = dict(unet.attn_processors)
+    with pytest.raises(ValueError, match=f"{name}: .*added key/value"), \
+            capture_cross_attention(unet, AttentionRecorder(resolution=8)):
+        pass
+    assert unet.attn_processors == before
+
+
+def test_recorder_resamples_each_axis_with_the_shared_helper():
+    """A 24 x 6 layer grid recorded at R = 8: the long axis is area-averaged, so every query counts (bilinear
+    sampling would skip two rows in three), the short one is enlarged bilinearly; this is `resample`."""
+    probs = torch.rand(1, 2, 24 * 6, 3).softmax(-1).requires_grad_()
+    recorder = AttentionRecorder(resolution=8)
+    recorder.reset((48, 12))
+    recorder.active = True
+    recorder.add(probs)
+    maps = probs.mean(1).transpose(1, 2).reshape(1, 3, 24, 6)
+    torch.testing.assert_close(recorder.mean(), resample(maps, FULL, 8))
+    (recorder.mean() * torch.rand(1, 3, 8, 8)).sum().backward()
+    assert (probs.grad.view(1, 2, 24, 6, 3) != 0).all()

@@ -1,4 +1,5 @@
-"""Stage 1 end to end on tiny random pipelines: words, bad input, resume, sharding across processes."""
+"""Stage 1 end to end on tiny random pipelines: words, bad input, resume, sharding across processes, and the DDIM
+steps for each kind of model output."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from transformers import CLIPTokenizer
 
 from lavender.data.targets import AttentionTargets
 from lavender.diffusion.capture import AttentionRecorder
 from lavender.diffusion.extract import ExtractConfig, Extractor, finalize_store, run_extract, word_maps
+from lavender.diffusion.inversion import PREDICTION_TYPES, ddim_step, denoise, invert
 from lavender.diffusion.words import words_to_tokens
 from lavender.utils.maps import min_max
 
@@ -238,3 +241,102 @@ def test_sd14_layout_pools_and_upsamples_every_cross_attention_level(tmp_path, t
     monkeypatch.setattr(AttentionRecorder, "add", spy)
     run_extract(_config(str(pipe), tiny_world / "test.json", tmp_path / "s2", resolution=8, limit=1))
     assert set(recorder_sides) == {16, 8, 4, 2}  # finer than, equal to and coarser than the maps
+
+
+# -- what the teacher predicts: epsilon, v or x0 ----------------------------------------------------------------
+def _exact_model(x0: torch.Tensor, alphas: torch.Tensor, prediction_type: str):
+    """The output a perfect model of `prediction_type` gives for latents that all come from clean latents `x0`."""
+    def predict(x: torch.Tensor, t: int) -> torch.Tensor:
+        a = alphas[t].to(x.dtype)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0, "sample": x0}[prediction_type]
+    return predict
+
+
+def _sd_alphas() -> torch.Tensor:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_inversion_then_denoising_recovers_the_latents_of_an_exact_model(prediction_type):
+    """A perfect model of each kind: inversion reaches the DDIM path's point at t_end and denoising (in another
+    number of steps) comes back to the clean latents; read as another kind, the same outputs do not."""
+    alphas = _sd_alphas()
+    x0 = torch.randn(2, 4, 8, 8)
+    predict = _exact_model(x0, alphas, prediction_type)
+    noisy = invert(x0, predict, alphas, 500, 5, prediction_type)
+    eps = x0 * (1 - alphas[0].sqrt()) / (1 - alphas[0]).sqrt()  # the noise that x0 itself carries at t = 0
+    torch.testing.assert_close(noisy, alphas[500].sqrt() * x0 + (1 - alphas[500]).sqrt() * eps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(denoise(noisy, predict, alphas, 500, 7, prediction_type), x0, atol=1e-4, rtol=0)
+    for other in set(PREDICTION_TYPES) - {prediction_type}:
+        assert (denoise(noisy, predict, alphas, 500, 7, other) - x0).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_ddim_steps_equal_diffusers_schedulers_on_their_grid(prediction_type):
+    """On a grid diffusers can express (T // n apart, down to 0), one step each way is `DDIMScheduler.step` and
+    `DDIMInverseScheduler.step` (which names the timestep it steps to)."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                  set_alpha_to_one=False, prediction_type=prediction_type)
+    down, up = DDIMScheduler(**config), DDIMInverseScheduler(**config)
+    down.set_timesteps(10)
+    up.set_timesteps(10)
+    alphas = down.alphas_cumprod
+    for t in (500, 100):
+        x, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+        torch.testing.assert_close(ddim_step(x, output, alphas[t], alphas[t - 100], prediction_type),
+                                   down.step(output, t, x).prev_sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ddim_step(x, output, alphas[t - 100], alphas[t], prediction_type),
+                                   up.step(output, t, x).prev_sample, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_extractor_steps_as_the_teacher_predicts(prediction_type, tmp_path, monkeypatch):
+    """A tiny pipeline whose scheduler says `prediction_type` and whose UNet answers as a perfect model of that
+    kind (its cross-attention layers still run and are recorded): the extractor's inversion and denoising come
+    back to the image's latents, so a v-prediction teacher is not stepped as if it predicted the noise."""
+    from PIL import Image
+
+    from lavender.diffusion import extract
+    from lavender.world.tiny import tiny_pipeline
+
+    cfg = _config(str(tiny_pipeline(tmp_path / "pipe", prediction_type=prediction_type)), tmp_path, tmp_path / "s")
+    pipe = extract.load_pipeline(cfg, torch.device("cpu"))
+    assert pipe.scheduler.config.prediction_type == prediction_type
+    extractor = Extractor(cfg, pipe, mask_padding=False)
+    seen: dict[str, torch.Tensor] = {}
+    invert_, denoise_, forward = extract.invert, extract.denoise, pipe.unet.forward
+
+    def spy_invert(latents, *args, **kwargs):
+        seen["x0"] = latents
+        return invert_(latents, *args, **kwargs)
+
+    def spy_denoise(*args, **kwargs):
+        seen["back"] = denoise_(*args, **kwargs)
+        return seen["back"]
+
+    def exact_unet(sample, timestep, **kwargs):
+        forward(sample, timestep, **kwargs)  # the real layers run, so cross-attention is recorded
+        model = _exact_model(seen["x0"], pipe.scheduler.alphas_cumprod, prediction_type)
+        return UNet2DConditionOutput(sample=model(sample.float(), int(timestep)).to(sample.dtype))
+
+    monkeypatch.setattr(extract, "invert", spy_invert)
+    monkeypatch.setattr(extract, "denoise", spy_denoise)
+    monkeypatch.setattr(pipe.unet, "forward", exact_unet)
+    maps = extractor([Image.new("RGB", (32, 32), (200, 30, 30))], ["a red square"])[0]
+    assert set(maps) == {"a", "red", "square"}
+    assert (seen["back"] - seen["x0"]).abs().max() < 1e-4 < seen["x0"].abs().max()
+
+
+def test_unknown_prediction_type_is_refused(tiny_sd):
+    from lavender.diffusion.extract import load_pipeline
+
+    cfg = _config(tiny_sd, Path("-"), Path("-"))
+    pipe = load_pipeline(cfg, torch.device("cpu"))
+    pipe.scheduler.register_to_config(prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="predicts 'flow_prediction'"):
+        Extractor(cfg, pipe, mask_padding=False)

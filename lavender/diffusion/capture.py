@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from lavender.data.frame import FULL, resample
 
 
 class AttentionRecorder:
@@ -50,17 +51,17 @@ class AttentionRecorder:
         return self.active and (not self.resolutions or self.grid(n_queries)[0] in self.resolutions)
 
     def add(self, probs: torch.Tensor) -> None:
-        """probs: (B, heads, Q, L) softmax probabilities of one layer call."""
+        """probs: (B, heads, Q, L) softmax probabilities of one layer call.
+
+        Averaged over heads, laid out on the layer's (h, w) grid and resampled to R x R with the stages' shared
+        `resample` (area-averaged along an axis that shrinks, bilinear along one that grows). Raises ValueError
+        if Q does not fit the latents' aspect.
+        """
         probs = probs[self.rows]
         b, _, q, n_tokens = probs.shape
         h, w = self.grid(q)
         maps = probs.float().mean(dim=1).transpose(1, 2).reshape(b, n_tokens, h, w)  # (B, L, h, w)
-        r = self.resolution
-        if (h, w) != (r, r):
-            if h >= r and w >= r:
-                maps = F.adaptive_avg_pool2d(maps, (r, r))
-            else:
-                maps = F.interpolate(maps, size=(r, r), mode="bilinear", align_corners=False)
+        maps = resample(maps, FULL, self.resolution)  # (B, L, R, R): area-pooled or bilinear, per axis
         self.sums = maps if self.sums is None else self.sums + maps
         self.calls += 1
 
@@ -71,8 +72,44 @@ class AttentionRecorder:
         return self.sums / self.calls
 
 
+def check_layer(attn: Attention) -> None:
+    """Raise ValueError if `attn` has a feature `CrossAttentionCapture` does not reproduce.
+
+    The capture reproduces diffusers' `AttnProcessor2_0` (spatial and group norms, the cross-attention norm,
+    per-head q/k norms, mask preparation, residual connection, output rescaling). Refused: added key/value
+    projections (`added_kv_proj_dim`, handled by diffusers' added-KV processors), fewer key/value heads than
+    query heads (`kv_heads`), q/k norms across heads, a scale other than 1/sqrt(head dim) (`scale_qk=False`:
+    the fused kernel would ignore it), no output projection (`pre_only`), and a residual connection whose
+    output width differs from the input's.
+    """
+    problems = []
+    if attn.added_kv_proj_dim is not None or attn.add_k_proj is not None or attn.to_k is None:
+        problems.append("added key/value projections (added_kv_proj_dim)")
+    elif attn.to_k.out_features != attn.to_q.out_features:
+        problems.append("fewer key/value heads than query heads (kv_heads)")
+    head_dim = attn.to_q.out_features // attn.heads
+    for norm in (attn.norm_q, attn.norm_k):
+        shape = getattr(norm, "normalized_shape", getattr(norm, "dim", None))
+        if isinstance(shape, tuple) and tuple(shape) != (head_dim,):
+            problems.append(f"a q/k norm over {tuple(shape)} features, not per head ({head_dim})")
+            break
+    if not math.isclose(attn.scale, head_dim**-0.5):
+        problems.append(f"attention scale {attn.scale:g}, not 1/sqrt({head_dim}) (scale_qk=False)")
+    if attn.to_out is None:
+        problems.append("no output projection (pre_only)")
+    if attn.residual_connection and attn.out_dim != attn.query_dim:
+        problems.append(f"a residual connection from width {attn.query_dim} to {attn.out_dim}")
+    if problems:
+        raise ValueError(f"cannot capture this cross-attention layer: {'; '.join(problems)}")
+
+
 class CrossAttentionCapture:
-    """Processor for a cross-attention layer: explicit softmax, probabilities to a recorder."""
+    """Processor for a cross-attention layer: explicit softmax, probabilities to a recorder.
+
+    Computes what diffusers' `AttnProcessor2_0` computes, step for step, except that the softmax of
+    `norm_q(q) norm_k(k)^T / sqrt(d) + mask` is formed explicitly (in float32) so the recorder can see it.
+    Calls the recorder does not want, and self-attention, go to `AttnProcessor2_0` itself.
+    """
 
     def __init__(self, recorder: AttentionRecorder):
         self.recorder = recorder
@@ -82,6 +119,13 @@ class CrossAttentionCapture:
                  encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  *args, **kwargs) -> torch.Tensor:
+        """hidden_states: (B, Q, C) or (B, C, h, w); encoder_hidden_states: (B, L, C'); attention_mask: anything
+        `attn.prepare_attention_mask` takes, e.g. the UNet's (B, 1, L) bias or a boolean keep-mask.
+
+        Returns the layer output, shaped like `hidden_states` (as `AttnProcessor2_0`). Raises ValueError for a
+        layer `check_layer` refuses.
+        """
+        check_layer(attn)
         n_queries = hidden_states.shape[1] if hidden_states.ndim == 3 else math.prod(hidden_states.shape[2:])
         if encoder_hidden_states is None or not self.recorder.wants(n_queries):
             return self.fast(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -93,29 +137,39 @@ class CrossAttentionCapture:
         if four_d:
             b, c, h, w = hidden_states.shape
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, n_ctx, _ = encoder_hidden_states.shape
+        heads = attn.heads
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, n_ctx, batch)
+            attention_mask = attention_mask.view(batch, heads, -1, attention_mask.shape[-1])  # (B, heads, 1|Q, L)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        q = attn.to_q(hidden_states)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
-        batch, n_q, _ = hidden_states.shape
-        heads = attn.heads
-        q = attn.to_q(hidden_states)
         k = attn.to_k(encoder_hidden_states)
         v = attn.to_v(encoder_hidden_states)
-        q = q.view(batch, n_q, heads, -1).transpose(1, 2)  # (B, heads, Q, d)
-        k = k.view(batch, k.shape[1], heads, -1).transpose(1, 2)  # (B, heads, L, d)
-        v = v.view(batch, v.shape[1], heads, -1).transpose(1, 2)  # (B, heads, L, d)
+        head_dim = k.shape[-1] // heads
+        q = q.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, heads, Q, d)
+        k = k.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, heads, L, d)
+        v = v.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, heads, L, d)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
 
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale  # (B, heads, Q, L)
+        # the scale of scaled_dot_product_attention, which AttnProcessor2_0 leaves at its default
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * head_dim**-0.5  # (B, heads, Q, L)
         if attention_mask is not None:
-            bias = attention_mask.view(attention_mask.shape[0], -1, attention_mask.shape[-1])  # (B, 1|Q, L)
-            scores = scores + bias.unsqueeze(1).float()
+            if attention_mask.dtype == torch.bool:  # True: take part (scaled_dot_product_attention's convention)
+                scores = scores.masked_fill(~attention_mask, float("-inf"))
+            else:
+                scores = scores + attention_mask.float()
         probs = scores.softmax(dim=-1)  # (B, heads, Q, L)
         self.recorder.add(probs)
 
         out = torch.matmul(probs.to(v.dtype), v)  # (B, heads, Q, d)
-        out = out.transpose(1, 2).reshape(batch, n_q, -1)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if four_d:
             out = out.transpose(-1, -2).reshape(b, c, h, w)
@@ -132,11 +186,20 @@ def cross_attention_layers(model: torch.nn.Module) -> list[str]:
 
 @contextmanager
 def capture_cross_attention(unet: torch.nn.Module, recorder: AttentionRecorder) -> Iterator[list[str]]:
-    """Install `CrossAttentionCapture` on the cross-attention layers of `unet`; restore on exit."""
+    """Install `CrossAttentionCapture` on the cross-attention layers of `unet`; restore on exit.
+
+    Raises ValueError, before installing anything, if a cross-attention layer has a feature the capture does
+    not reproduce (`check_layer`).
+    """
     original = dict(unet.attn_processors)
     cross = set(cross_attention_layers(unet))
     if not cross:
         raise ValueError("the UNet has no cross-attention layers to capture")
+    for key in sorted(cross):
+        try:
+            check_layer(unet.get_submodule(key.removesuffix(".processor")))
+        except ValueError as err:
+            raise ValueError(f"{key.removesuffix('.processor')}: {err}") from None
     capture = CrossAttentionCapture(recorder)
     unet.set_attn_processor({k: capture if k in cross else original[k] for k in original})
     try:

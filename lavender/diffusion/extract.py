@@ -33,7 +33,7 @@ from lavender.data.targets import (
     write_store_info,
 )
 from lavender.diffusion.capture import AttentionRecorder, capture_cross_attention
-from lavender.diffusion.inversion import denoise, invert
+from lavender.diffusion.inversion import check_prediction_type, denoise, invert
 from lavender.diffusion.words import word_pieces, words_to_tokens
 from lavender.utils.io import atomic_write_text
 from lavender.utils.maps import min_max
@@ -103,7 +103,16 @@ def load_pipeline(cfg: ExtractConfig, device: torch.device):
     pipe.set_progress_bar_config(disable=True)
     if not pipe.tokenizer.is_fast:
         raise ValueError("stage 1 needs a fast tokenizer (character offsets) for word matching")
+    prediction_type(pipe.scheduler)
     return pipe.to(device)
+
+
+def prediction_type(scheduler) -> str:
+    """What the teacher's UNet predicts, from its scheduler's config ("epsilon" if the config does not say).
+
+    Raises ValueError if stage 1's DDIM steps do not support it.
+    """
+    return check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
 
 
 def word_maps(text: str, offsets: list[tuple[int, int]], token_maps: torch.Tensor) -> dict[str, np.ndarray]:
@@ -156,6 +165,7 @@ class Extractor:
         # latents must halve cleanly at every UNet downsampling
         self.multiple = vae_scale * 2 ** (len(pipe.unet.config.down_block_types) - 1)
         self.alphas = pipe.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.prediction_type = prediction_type(pipe.scheduler)
         self.t_end = round(cfg.strength * (len(self.alphas) - 1))
         self.recorder = AttentionRecorder(cfg.resolution, cfg.attn_resolutions)
         self.max_length = pipe.tokenizer.model_max_length
@@ -210,11 +220,11 @@ class Extractor:
         self.recorder.reset(tuple(latents.shape[-2:]))
         with capture_cross_attention(pipe.unet, self.recorder):
             noisy = invert(latents.float(), lambda z, t: conditional(z.to(self.dtype), t).float(), self.alphas,
-                           self.t_end, self.cfg.inversion_steps)
+                           self.t_end, self.cfg.inversion_steps, self.prediction_type)
             self.recorder.active = True
             try:
                 denoise(noisy, lambda z, t: guided(z.to(self.dtype), t).float(), self.alphas, self.t_end,
-                        self.cfg.denoise_steps)
+                        self.cfg.denoise_steps, self.prediction_type)
             finally:
                 self.recorder.active, self.recorder.rows = False, slice(None)
         token_maps = self.recorder.mean()  # (B, L, R, R)

@@ -1,8 +1,16 @@
 """Deterministic DDIM steps in both directions: invert a real image's latents, then denoise back.
 
-The same update serves both ways: predict the clean latents from the noise estimate at
-timestep t, then re-noise them to timestep t'. Inversion walks t up from 0, denoising
-walks it back down.
+The same update serves both ways: read the clean latents x0 and the noise eps off the model's output at
+timestep t, then re-noise x0 with eps to timestep t'. Inversion walks t up from 0, denoising walks it back
+down. The model's output is whatever its scheduler says it predicts (`scheduler.config.prediction_type`):
+the noise ("epsilon", SD v1.x), the velocity v = sqrt(a) eps - sqrt(1 - a) x0 ("v_prediction", SD 2.x at
+768 px) or x0 itself ("sample").
+
+The grid is our own rather than diffusers' `DDIMScheduler` / `DDIMInverseScheduler`: those space their
+timesteps T // n apart over the whole range [0, T) (and the inverse one evaluates the model at the
+timestep it steps to), while inversion here runs from 0 to `t_end` in a given number of even steps,
+evaluating the model where it stands. Per step the update is the same formula as `DDIMScheduler.step`
+with eta = 0 (tests check both against diffusers on a grid both can express).
 """
 
 from __future__ import annotations
@@ -13,11 +21,40 @@ from collections.abc import Callable
 import torch
 
 NoisePredictor = Callable[[torch.Tensor, int], torch.Tensor]
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha_next: torch.Tensor) -> torch.Tensor:
-    """Move latents `x` at cumulative alpha `alpha_t` to `alpha_next` along the DDIM path."""
-    x0 = (x - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
+def check_prediction_type(prediction_type: str) -> str:
+    """Return `prediction_type` if the DDIM steps here support it; ValueError otherwise."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"the diffusion model predicts {prediction_type!r}; stage 1's DDIM steps support "
+                         f"{', '.join(PREDICTION_TYPES)}")
+    return prediction_type
+
+
+def clean_and_noise(x: torch.Tensor, output: torch.Tensor, alpha: torch.Tensor,
+                    prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) from the model's `output` (B, C, h, w) for latents `x` (B, C, h, w) at cumulative alpha `alpha` (0-d).
+
+    The standard conversions, as in diffusers' `DDIMScheduler.step`. Raises ValueError for an unknown
+    `prediction_type`.
+    """
+    check_prediction_type(prediction_type)
+    a, s = alpha.sqrt(), (1 - alpha).sqrt()
+    if prediction_type == "epsilon":
+        return (x - s * output) / a, output
+    if prediction_type == "v_prediction":
+        return a * x - s * output, a * output + s * x
+    return output, (x - a * output) / s  # "sample"
+
+
+def ddim_step(x: torch.Tensor, output: torch.Tensor, alpha_t: torch.Tensor, alpha_next: torch.Tensor,
+              prediction_type: str = "epsilon") -> torch.Tensor:
+    """Move latents `x` at cumulative alpha `alpha_t` to `alpha_next` along the DDIM path (eta = 0).
+
+    `output` is the model's prediction at `x` (both (B, C, h, w)), of kind `prediction_type`; alphas are 0-d.
+    """
+    x0, eps = clean_and_noise(x, output, alpha_t, prediction_type)
     return alpha_next.sqrt() * x0 + (1 - alpha_next).sqrt() * eps
 
 
@@ -30,21 +67,30 @@ def timestep_grid(t_end: int, steps: int) -> list[int]:
 
 @torch.no_grad()
 def invert(latents: torch.Tensor, predict: NoisePredictor, alphas: torch.Tensor, t_end: int,
-           steps: int) -> torch.Tensor:
-    """DDIM-invert clean latents up to timestep `t_end` in `steps` steps."""
+           steps: int, prediction_type: str = "epsilon") -> torch.Tensor:
+    """DDIM-invert clean latents (B, C, h, w) up to timestep `t_end` in `steps` steps.
+
+    `predict(x, t)` is the model's output at timestep t, of kind `prediction_type`; `alphas` (T,) are
+    the scheduler's cumulative alphas. Raises ValueError for an unsupported `prediction_type`.
+    """
+    check_prediction_type(prediction_type)
     grid = timestep_grid(t_end, steps)
     x = latents
     for t, t_next in itertools.pairwise(grid):
-        x = ddim_step(x, predict(x, t), alphas[t], alphas[t_next])
+        x = ddim_step(x, predict(x, t), alphas[t], alphas[t_next], prediction_type)
     return x
 
 
 @torch.no_grad()
 def denoise(latents: torch.Tensor, predict: NoisePredictor, alphas: torch.Tensor, t_end: int,
-            steps: int) -> torch.Tensor:
-    """DDIM-denoise latents at timestep `t_end` back to timestep 0 in `steps` steps."""
+            steps: int, prediction_type: str = "epsilon") -> torch.Tensor:
+    """DDIM-denoise latents (B, C, h, w) at timestep `t_end` back to timestep 0 in `steps` steps.
+
+    Arguments and errors as for `invert`.
+    """
+    check_prediction_type(prediction_type)
     grid = timestep_grid(t_end, steps)[::-1]
     x = latents
     for t, t_next in itertools.pairwise(grid):
-        x = ddim_step(x, predict(x, t), alphas[t], alphas[t_next])
+        x = ddim_step(x, predict(x, t), alphas[t], alphas[t_next], prediction_type)
     return x

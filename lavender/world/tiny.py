@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from lavender.world.scenes import world_vocabulary
 from lavender.world.teacher import clip_text_encoder, save_sd_pipeline
@@ -22,8 +22,11 @@ SD14_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 
 def tiny_pipeline(out: str | Path, seed: int = 0, sd14_like: bool = False, channels: tuple[int, ...] = (),
                   text_width: int = 32, max_length: int = 32, sample_size: int = 16,
-                  extra_words: tuple[str, ...] = ()) -> Path:
-    """Save a seeded random StableDiffusionPipeline to `out` and return the path."""
+                  extra_words: tuple[str, ...] = (), prediction_type: str = "epsilon") -> Path:
+    """Save a seeded random StableDiffusionPipeline to `out` and return the path.
+
+    `prediction_type` goes into the scheduler's config: "v_prediction" stands for an SD 2.x (768 px) teacher.
+    """
     out = Path(out)
     torch.manual_seed(seed)
     tokenizer = save_clip_tokenizer(world_vocabulary() + list(extra_words), out / "_tokenizer", max_length)
@@ -50,4 +53,7 @@ def tiny_pipeline(out: str | Path, seed: int = 0, sd14_like: bool = False, chann
         up_block_types=("UpDecoderBlock2D",) * len(vae_channels), layers_per_block=1, norm_num_groups=8,
     )
     save_sd_pipeline(vae, unet, text_encoder, tokenizer, out)
+    if prediction_type != "epsilon":
+        scheduler = DDIMScheduler.from_pretrained(out / "scheduler")
+        DDIMScheduler.from_config(scheduler.config, prediction_type=prediction_type).save_pretrained(out / "scheduler")
     return out
