@@ -248,3 +248,18 @@ def test_recorder_resamples_each_axis_with_the_shared_helper():
     torch.testing.assert_close(recorder.mean(), resample(maps, FULL, 8))
     (recorder.mean() * torch.rand(1, 3, 8, 8)).sum().backward()
     assert (probs.grad.view(1, 2, 24, 6, 3) != 0).all()
+
+
+def test_layers_are_chosen_by_their_unet_level_whatever_the_aspect():
+    """`--attn-resolutions 16` names the layers whose grid is 16 x 16 for a square image at the native size; for
+    a wide image (latent 28 x 40) those same layers have 14 x 20 grids, and they are the ones recorded."""
+    recorder = AttentionRecorder(8, (16,), native_side=32)
+    recorder.active = True
+    recorder.reset((28, 40))
+    assert [recorder.wants(n) for n in (28 * 40, 14 * 20, 7 * 10)] == [False, True, False]
+    recorder.reset((32, 32))
+    assert [recorder.wants(n) for n in (32 * 32, 16 * 16, 8 * 8)] == [False, True, False]
+    by_rows = AttentionRecorder(8, (16,))  # without the native side: the grid's own rows, as before
+    by_rows.active = True
+    by_rows.reset((28, 40))
+    assert not by_rows.wants(14 * 20)

@@ -81,7 +81,8 @@ def test_stage1_sees_the_whole_image_at_its_aspect():
     assert input_size(480, 640, 512, 64) == (448, 576)
     assert input_size(96, 64, 64, 8) == (80, 56)
     assert input_size(640, 480, 512, 64, keep_aspect=False) == (512, 512)
-    assert input_size(5000, 10, 512, 64)[1] == 64  # never below one multiple
+    assert input_size(5000, 10, 512, 64) == (4096, 64)  # never below one multiple; the long side gives way
+    assert input_size(1, 5000, 512, 64) == (64, 4096)
     image = Image.new("RGB", (W, H), (0, 0, 0))
     image.paste((255, 255, 255), (0, 0, 64, 48))  # the top-left tenth
     x = preprocess(image, (576, 448))

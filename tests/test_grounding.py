@@ -227,3 +227,29 @@ def test_a_non_square_world_grounds_like_the_square_one(tmp_path):
         pointing[name] = report["all"]["pointing"]
     assert pointing["square"] > 0.8  # measured 0.93 on 150 scenes
     assert pointing["wide"] > pointing["square"] - 0.1  # measured 0.94 on 150 scenes
+
+
+def test_viz_passes_over_an_unreadable_image_and_draws_the_frame(tmp_path, caplog):
+    import logging
+
+    from PIL import Image
+
+    from lavender.data.samples import Sample
+    from lavender.data.targets import AttentionTargets, TargetsWriter, write_index, write_store_info
+    from lavender.eval.viz import overlay_figure, write_overlays
+
+    writer = TargetsWriter(tmp_path / "s")
+    for sid in ("gone", "ok"):
+        writer.add(sid, {"red": np.eye(4, dtype=np.float32)}, image_size=(12, 8))
+    writer.flush()
+    write_store_info(tmp_path / "s", {"resolution": 4, "text": "question", "frame": "center-square"}, "t")
+    write_index(tmp_path / "s")
+    image = Image.new("RGB", (12, 8))
+    samples = [Sample("gone", lambda: Image.open(tmp_path / "nope.png"), question="q1"),
+               Sample("ok", lambda: image, caption="cap", question="is it red?")]
+    with caplog.at_level(logging.WARNING):
+        written = write_overlays(samples, AttentionTargets(tmp_path / "s"), tmp_path / "png")
+    assert [p.name for p in written] == ["ok.png"] and "gone" in caplog.text
+    fig = overlay_figure(image, {"red": np.eye(4)}, box=(0.0, 2 / 12, 1.0, 10 / 12))
+    extent = fig.axes[1].images[1].get_extent()  # the map sits over the centre square: x 2..10 of 12
+    assert np.allclose(extent, (1.5, 9.5, 7.5, -0.5))

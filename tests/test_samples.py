@@ -504,7 +504,7 @@ def test_images_open_with_the_project_loader(tmp_path):
     """A transparent pixel comes back white (the loader composites onto white), in every format."""
     clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     save_image(tmp_path / "folder" / "clear.png", (0, 0, 0, 0), size=(4, 4), mode="RGBA")
-    (tmp_path / "data.json").write_text(json.dumps([{"id": "c", "image": "folder/clear.png"}]))
+    (tmp_path / "data.json").write_text(json.dumps([{"id": "c", "image": "folder/clear.png", "caption": "clear"}]))
     (from_json,) = read_samples(tmp_path / "data.json")
     (from_folder,) = read_samples(tmp_path / "folder")
     loaded = [from_json.load_image(), from_folder.load_image()]
@@ -514,3 +514,37 @@ def test_images_open_with_the_project_loader(tmp_path):
     loaded.append(from_hf.load_image())
     for im in loaded:
         assert im.mode == "RGB" and im.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_prompt_completion_alpaca_and_question_answer_records(tmp_path):
+    """TRL's prompt/completion form, LLaMA-Factory's Alpaca form and top-level question/answer read like the LLaVA
+    record with the same turns; a turn whose text key is misspelt, or a record of an unknown layout, is refused
+    with the keys it has, not read as empty."""
+    save_image(tmp_path / "a.png", (1, 2, 3))
+    records = [
+        {"id": "llava", "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]},
+        {"id": "trl-text", "images": ["a.png"], "prompt": "<image>What is it?", "completion": "A cat."},
+        {"id": "trl-chat", "images": ["a.png"],
+         "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+         "completion": [{"role": "assistant", "content": "A cat."}]},
+        {"id": "alpaca", "images": ["a.png"], "instruction": "<image>What is it?", "input": "", "output": "A cat."},
+        {"id": "qa", "image": "a.png", "question": "What is it?", "answer": "A cat."},
+        {"id": "typo", "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "text": "A cat."}]},
+        {"id": "unknown-layout", "image": "a.png", "query": "What is it?", "response": "A cat."},
+        {"id": "both-keys", "image": "a.png", "images": ["a.png"], "caption": "a cat"},
+    ]
+    (tmp_path / "d.json").write_text("\ufeff" + json.dumps(records))  # with the byte-order mark some editors write
+    refused = []
+    samples = {s.id: s for s in read_samples(tmp_path / "d.json", refused=refused)}
+    reference = samples["llava"]
+    for name in ("trl-text", "trl-chat", "alpaca", "qa"):
+        s = samples[name]
+        assert (s.turns, s.caption, s.question, s.answer) == (
+            reference.turns, reference.caption, reference.question, reference.answer), name
+    assert samples["both-keys"].caption == "a cat"  # `image` and `images` naming one file: one image
+    reasons = {r.id: r.problem for r in refused}
+    assert set(reasons) == {"typo", "unknown-layout"}
+    assert reasons["typo"].startswith("malformed: turn 2 has no text") and "'text'" in reasons["typo"]
+    assert reasons["unknown-layout"].startswith("no text") and "'query'" in reasons["unknown-layout"]

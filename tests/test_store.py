@@ -334,3 +334,23 @@ def test_unicode_and_odd_words_round_trip_through_the_authors_layout(tmp_path):
     greek = {p.name for p in (root / "greek.jpg" / "lpm_attention" / "greek").iterdir()}
     assert len(greek) == 3 and all(name.isascii() for name in greek)
     _assert_same_maps(_back(root, tmp_path / "back"), samples)
+
+
+def test_import_refuses_maps_of_mixed_or_non_square_sizes_and_lowercases_words(tmp_path):
+    from lavender.data.authors_layout import import_authors_layout
+
+    def tree(name: str, sizes: dict[str, tuple[int, int]]) -> Path:
+        root = tmp_path / name
+        for word, size in sizes.items():
+            folder = root / "a.jpg" / "lpm_attention" / "a"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("L", size, 128).save(folder / f"attention_{word}.jpg")
+        return root
+
+    with pytest.raises(ValueError, match="one resolution"):
+        import_authors_layout(tree("mixed", {"red": (24, 24), "cat": (32, 32)}), tmp_path / "s1")
+    with pytest.raises(ValueError, match="must be square"):
+        import_authors_layout(tree("wide", {"red": (48, 32)}), tmp_path / "s2")
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()  # nothing half-written
+    store = AttentionTargets(import_authors_layout(tree("cased", {"Red": (24, 24)}), tmp_path / "s3"))
+    assert list(store["a"]) == ["red"] and store.resolution == 24

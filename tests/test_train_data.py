@@ -107,10 +107,12 @@ def test_bad_input_is_counted_not_fatal(processor, tmp_path):
     store = _store(tmp_path / "s", 8, {"ok": {"red": np.ones((8, 8)), "square": np.zeros((8, 8))},
                                        "small": {"blue": np.ones((4, 4)), "square": np.ones((4, 4))}})
     data = _dataset(processor, samples, store)
-    enc = data[0]  # the two unreadable samples are skipped for the next good one
-    assert enc.events["unreadable images"] == 2
+    enc = data[2]
     assert [w.word for w in enc.words] == ["red", "square"]
     assert enc.events["words without a target"] == 6  # a, circle, left, of, a, blue
+    replaced = [data[0], data[1], data[0], data[1]]  # the unreadable samples: others are drawn in their place
+    assert {e.sample_id for e in replaced} <= {"ok", "unstored", "small"}
+    assert sum(e.events["unreadable images"] for e in replaced) == 2  # each bad sample counted once
     assert data[3].events["samples without targets"] == 1 and not data[3].words
     small = data[4]  # a store map of another resolution is skipped, word by word
     assert small.events["targets of the wrong shape"] == 2 and not small.words
@@ -125,7 +127,7 @@ def test_long_samples_are_truncated_after_the_image(processor, tiny_world):
     for key in ("input_ids", "attention_mask", "labels"):
         assert cut.inputs[key].shape[1] == n - 5
         torch.testing.assert_close(cut.inputs[key], full.inputs[key][:, : n - 5])
-    with pytest.raises(RuntimeError, match="could not be used"):
+    with pytest.raises(ValueError, match="samples too long for their image"):
         _dataset(processor, [sample], max_length=4, retries=2)[0]  # would cut the image: skipped every time
 
 
@@ -211,7 +213,7 @@ def test_an_answer_cut_off_by_max_length_is_skipped(processor):
     enc = data.encode(sample, sample.load_image())
     assert not enc.inputs
     assert enc.events["samples whose answer was cut off"] == 1 and enc.events["truncated samples"] == 1
-    with pytest.raises(RuntimeError, match="answer was cut off"):
+    with pytest.raises(ValueError, match="answer was cut off"):
         data[0]
     kept = _dataset(processor, [sample], max_length=first_label + 1)[0]  # one answer token left: trained on
     assert int((kept.inputs["labels"] != IGNORE).sum()) == 1
@@ -240,7 +242,7 @@ def test_invalid_maps_are_skipped_and_counted_like_missing_ones(processor, tmp_p
     enc = _dataset(processor, [sample], store)[0]
     assert [w.word for w in enc.words] == ["square"]
     assert enc.events["invalid targets"] == 4
-    assert enc.events["words without a target"] == 7  # a, of, a and the four invalid ones
+    assert enc.events["words without a target"] == 3  # a, of, a: the four invalid ones are counted as such
     assert valid_target(np.linspace(0, 1, 64).reshape(8, 8)) and not valid_target(np.full((8, 8), 1.01))
 
 
@@ -365,3 +367,104 @@ def test_every_conversation_spelling_gives_the_llava_labels(processor, tmp_path,
     assert (got.inputs["labels"] != IGNORE).sum() > 1
     assert torch.equal(got.inputs["input_ids"], reference.inputs["input_ids"])
     assert torch.equal(got.inputs["labels"], reference.inputs["labels"])
+
+
+# -- BOS: added by the tokenizer unless the chat template wrote it (transformers' own rule) ---------------------
+@pytest.fixture
+def bos_processor(llava_dir):
+    """The tiny LLaVA processor with a tokenizer that, like Llama's, adds BOS when asked for special tokens."""
+    from tokenizers import processors
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(llava_dir)
+    tok = processor.tokenizer
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    return processor
+
+
+@pytest.mark.parametrize("template_writes_bos", [False, True])
+def test_the_sequence_starts_with_one_bos_whoever_writes_it(bos_processor, processor, tiny_world, tmp_path,
+                                                            template_writes_bos):
+    """A template without BOS gets it from the tokenizer (an empty span, so no label and no word), one with BOS
+    gets no second one: either way the input is BOS + what a tokenizer without BOS gives, labels and rows shifted."""
+    from vlm_testers import LLAVA_TEMPLATE
+
+    tok = bos_processor.tokenizer
+    bos_processor.chat_template = ("{{ bos_token }}" if template_writes_bos else "") + LLAVA_TEMPLATE
+    samples = read_samples(tiny_world / "train.json")[:2]
+    store = AttentionTargets(write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path / "oracle"))
+    for i in range(len(samples)):
+        enc = _dataset(bos_processor, samples, store)[i]
+        plain = _dataset(processor, samples, store)[i]  # the template without BOS, a tokenizer that adds none
+        ids, labels = enc.inputs["input_ids"][0], enc.inputs["labels"][0]
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+        assert torch.equal(ids[1:], plain.inputs["input_ids"][0])
+        assert labels[0] == IGNORE and torch.equal(labels[1:], plain.inputs["labels"][0])
+        assert enc.words and [w.word for w in enc.words] == [w.word for w in plain.words]
+        for word, before in zip(enc.words, plain.words):
+            assert word.rows == tuple(r + 1 for r in before.rows)
+            assert tok.decode(ids[list(word.rows)]) == word.word
+
+
+@pytest.mark.parametrize("tokenizer_adds_bos", [False, True])
+def test_a_processor_that_writes_bos_into_the_chat_is_refused(tokenizer_adds_bos):
+    """Mllama's processor writes BOS in front of a chat that has none, which shifts every offset (labels on the
+    wrong tokens) and, with a tokenizer that adds BOS too, doubles it: stopped with a clear message instead."""
+    from tokenizers import processors
+
+    from lavender.train.data import ChatTemplateError
+    from lavender.world.base_vlm import CHAT_TEMPLATE, IMAGE, BaseVLMConfig, build_processor
+
+    mllama = build_processor(BaseVLMConfig())
+    tok = mllama.tokenizer
+    if tokenizer_adds_bos:
+        tok._tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    data = _dataset(mllama, [Sample("x", _red(64), caption="a red circle")])
+    data.image_token_id = tok.convert_tokens_to_ids(IMAGE)
+    enc = data[0]  # the shapes world's template writes BOS: one BOS, labels on the answer
+    assert enc.inputs["input_ids"][0, 0] == tok.bos_token_id != enc.inputs["input_ids"][0, 1]
+    assert tok.decode(enc.inputs["labels"][0][enc.inputs["labels"][0] != IGNORE]) == "a red circle <|eot_id|>"
+    mllama.chat_template = CHAT_TEMPLATE.replace("{{- bos_token }}", "")
+    with pytest.raises(ChatTemplateError, match="bos_token"):
+        data[0]
+
+
+def test_a_block_of_bad_samples_neither_stops_nor_skews_the_epoch(processor, tmp_path):
+    """20 unreadable samples in a row among 24: every index still yields a sample, the replacements spread over
+    the good ones instead of all landing on the next one, each bad sample is counted once, and the probe before
+    training says how many probed samples cannot be used and why."""
+    from collections import Counter as Tally
+
+    good = Image.new("RGB", (32, 32), "red")
+    samples = [Sample(f"bad{i}", (lambda: Image.open(tmp_path / "nope.png")), caption="a red circle")
+               for i in range(20)]
+    samples += [Sample(f"ok{i}", lambda: good, caption="a red circle") for i in range(4)]
+    data = _dataset(processor, samples, retries=64)
+    drawn = [data[i] for i in range(len(samples))]
+    picks = Tally(e.sample_id for e in drawn)
+    assert set(picks) == {"ok0", "ok1", "ok2", "ok3"} and max(picks.values()) <= 12
+    assert sum(e.events["unreadable images"] for e in drawn) == 20
+    probe = _dataset(processor, samples).coverage(probe=8)
+    assert probe.attempted == 8 and probe.probed < 8 and probe.failures["unreadable images"] == 8 - probe.probed
+    assert "could not be used" in str(probe)
+
+
+def test_only_bad_samples_give_a_clear_error(processor, tmp_path):
+    from lavender.train.data import DataError
+
+    samples = [Sample(f"bad{i}", (lambda: Image.open(tmp_path / "nope.png")), caption="a red circle")
+               for i in range(5)]
+    data = _dataset(processor, samples)
+    with pytest.raises(DataError, match="no usable sample"):
+        data[0]
+    assert data.coverage().probed == 0
+
+
+def test_a_conversation_without_a_user_turn_gets_the_instruction(processor):
+    sample = Sample("a", lambda: Image.new("RGB", (8, 8)), turns=[("assistant", "a red circle")])
+    messages = chat(sample, "Describe the image.")
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[0]["content"][0] == {"type": "image"}
+    assert messages[0]["content"][1]["text"] == "Describe the image."

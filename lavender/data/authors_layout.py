@@ -185,12 +185,30 @@ def _find_samples(root: Path, ids: dict[str, str], decode: bool) -> dict[str, di
         words: dict[str, Path] = {}
         for jpg in jpgs:
             name = jpg.stem[len(PREFIX):]
-            word = _word(name) if decode else name
+            word = _word(name) if decode else name.lower()  # store words are lower-cased, as stage 1 writes them
             if word in words:
                 raise ValueError(f"{words[word]} and {jpg} are both the map of word {word!r}")
             words[word] = jpg
         found[sample_id], where[sample_id] = words, image_dir
     return found
+
+
+def _check_sizes(found: dict[str, dict[str, Path]]) -> int:
+    """The one side R of every map (read from the JPEG headers, before anything is written); raises ValueError
+    naming a map that is not square or not R x R, since a store holds one resolution."""
+    first: tuple[Path, tuple[int, int]] | None = None
+    for words in found.values():
+        for jpg in words.values():
+            with Image.open(jpg) as im:
+                size = im.size
+            if size[0] != size[1]:
+                raise ValueError(f"{jpg} is {size[0]} x {size[1]}; maps must be square (R x R)")
+            if first is None:
+                first = (jpg, size)
+            elif size != first[1]:
+                raise ValueError(f"{jpg} is {size[0]} x {size[1]} but {first[0]} is {first[1][0]} x {first[1][1]}; "
+                                 "a store holds maps of one resolution (resize them first)")
+    return first[1][0] if first else 0
 
 
 def import_authors_layout(root: str | Path, store: str | Path, diffusion_model: str = "unknown",
@@ -218,14 +236,13 @@ def import_authors_layout(root: str | Path, store: str | Path, diffusion_model: 
     found = _find_samples(root, _read_json(root / IDS_FILE), decode=(root / IDS_FILE).exists())
     if not found:
         raise ValueError(f"no maps under {root} (expected */lpm_attention/*/{PREFIX}*.jpg)")
+    resolution = _check_sizes(found)
     writer = TargetsWriter(store, shard_size, dtype="float32")
-    resolution = None
     for sample_id, words in tqdm(found.items(), desc="import", unit="sample"):
         maps = {}
         for word, jpg in words.items():
             with Image.open(jpg) as im:
                 maps[word] = np.asarray(im.convert("L"), np.float32) / 255.0
-            resolution = resolution or maps[word].shape[0]
         writer.add(sample_id, maps, sizes.get(sample_id))
     writer.flush()
     write_store_info(store, {"resolution": resolution, "imported_from": str(root), "frame": frame}, diffusion_model)

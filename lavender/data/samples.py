@@ -124,12 +124,23 @@ def _content(content, turn: int) -> tuple[str, int]:
     return "\n".join(t for t in map(_clean, texts) if t), images
 
 
-def _conversation(rec: dict) -> tuple[list[tuple[str, str]], int]:
-    """The turns under `conversations` or `messages` as (role, text), and the image placeholders in them."""
-    key = next((k for k in ("conversations", "messages") if rec.get(k) is not None), None)
-    if key is None:
-        return [], 0
-    turns = _rows(rec[key])
+_TEXT_KEYS = ("conversations", "messages", "prompt", "instruction", "question", "caption", "text")
+
+
+def _turn_text(turn: dict, k: int):
+    """The content of turn k: its `content`, else its `value`; a turn with neither key is malformed."""
+    if "content" in turn and turn["content"] is not None:
+        return turn["content"]
+    if "value" in turn:
+        return turn["value"]
+    if "content" in turn:
+        return None
+    raise _Refused("malformed", f"turn {k} has no text: neither `value` nor `content` among its keys {sorted(turn)}")
+
+
+def _messages(turns, key: str) -> tuple[list[tuple[str, str]], int]:
+    """A list of turns spelled {"from", "value"} or {"role", "content"} as (role, text), and its image placeholders."""
+    turns = _rows(turns)
     if not isinstance(turns, list):
         raise _Refused("malformed", f"{key} is a {_type_name(turns)}, not a list")
     out, images = [], 0
@@ -142,10 +153,43 @@ def _conversation(rec: dict) -> tuple[list[tuple[str, str]], int]:
         role = _ROLES.get(name.strip().lower())
         if role is None:
             raise _Refused("unknown role", f"{name!r} in turn {k}")
-        text, n = _content(turn["content"] if turn.get("content") is not None else turn.get("value"), k)
+        text, n = _content(_turn_text(turn, k), k)
         out.append((role, text))
         images += n
     return out, images
+
+
+def _side(value, role: str, key: str) -> tuple[list[tuple[str, str]], int]:
+    """One side of a prompt/completion record: plain text (a `role` turn) or a list of turns."""
+    if isinstance(value, str):
+        return [(role, _clean(value))], len(_IMAGE_TAG.findall(value))
+    return _messages(value, key)
+
+
+def _conversation(rec: dict) -> tuple[list[tuple[str, str]], int]:
+    """The record's turns as (role, text), and the image placeholders in them.
+
+    Turns come from `conversations` or `messages` (LLaVA/ShareGPT, TRL, LLaMA-Factory, ms-swift), from
+    `prompt` + `completion` (TRL's prompt-completion form), from `instruction` (+ `input`) + `output` (the
+    Alpaca form of LLaMA-Factory, with an optional `system`), or from top-level `question` + `answer`.
+    """
+    key = next((k for k in ("conversations", "messages") if rec.get(k) is not None), None)
+    if key is not None:
+        return _messages(rec[key], key)
+    if rec.get("prompt") is not None and rec.get("completion") is not None:
+        prompt, n = _side(rec["prompt"], "user", "prompt")
+        completion, m = _side(rec["completion"], "assistant", "completion")
+        return prompt + completion, n + m
+    if rec.get("instruction") is not None and rec.get("output") is not None:
+        user = "\n".join(_string(rec, k) for k in ("instruction", "input") if _string(rec, k).strip())
+        turns = [("system", _clean(_string(rec, "system")))] if _string(rec, "system").strip() else []
+        return [*turns, ("user", _clean(user)), ("assistant", _clean(_string(rec, "output")))], len(
+            _IMAGE_TAG.findall(user))
+    if rec.get("question") is not None and rec.get("answer") is not None:
+        question = _string(rec, "question")
+        return [("user", _clean(question)), ("assistant", _clean(_string(rec, "answer")))], len(
+            _IMAGE_TAG.findall(question))
+    return [], 0
 
 
 def _string(rec: dict, key: str) -> str:
@@ -177,17 +221,19 @@ def _check_images(n_files: int, n_placeholders: int) -> None:
 
 
 def _image_paths(rec: dict) -> list[str]:
-    """The image paths under `image` and `images`, each a path or a list of paths."""
-    paths = []
+    """The image paths under `image` and `images`, each a path or a list of paths. When both keys name the
+    same files (some converters write both), they count once."""
+    found = {}
     for key in ("image", "images"):
         value = rec.get(key)
         values = [] if value is None else value if isinstance(value, list) else [value]
         for v in values:
             if not isinstance(v, str):
                 raise _Refused("malformed", f"{key} holds a {_type_name(v)}, not a path")
-            if v.strip():
-                paths.append(v)
-    return paths
+        found[key] = [v for v in values if v.strip()]
+    if found["image"] and found["images"] and found["image"] == found["images"]:
+        return found["images"]
+    return found["image"] + found["images"]
 
 
 def _record_id(rec, fallback: str) -> str:
@@ -198,7 +244,7 @@ def _record_id(rec, fallback: str) -> str:
 
 def _json_records(path: Path) -> Iterator[tuple[str, object]]:
     """(fallback id, record) pairs of a .json list or .jsonl file; a JSONL line that is not JSON comes as _Refused."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark some editors write is not content
     if path.suffix == ".jsonl":
         index = 0
         for n, line in enumerate(text.splitlines(), 1):
@@ -239,6 +285,8 @@ def read_llava_json(path: Path, image_root: Path | None = None) -> Iterator[Samp
             paths = _image_paths(rec)
             turns, placeholders = _conversation(rec)
             caption, question, answer = _texts(rec, turns)
+            if not any(k in rec for k in _TEXT_KEYS):
+                raise _Refused("no text", f"none of {', '.join(_TEXT_KEYS)} among the record's keys {sorted(rec)}")
             _check_images(len(paths), placeholders)
         except _Refused as e:
             yield _refused(sample_id, str(e))
@@ -251,7 +299,7 @@ def read_image_folder(path: Path) -> Iterator[Sample]:
     """Images with a caption each: `metadata.jsonl` (file_name + text/caption) or sibling .txt files."""
     meta = path / "metadata.jsonl"
     if meta.exists():
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -276,7 +324,7 @@ def read_image_folder(path: Path) -> Iterator[Sample]:
         return
     for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         txt = file.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8").strip() if txt.exists() else ""
+        caption = txt.read_text(encoding="utf-8-sig").strip() if txt.exists() else ""
         relative = file.relative_to(path)
         yield Sample(str(relative.with_suffix("")), image_loader(file), caption, image_name=file.name,
                      image_path=relative.as_posix())

@@ -23,13 +23,16 @@ class AttentionRecorder:
     """Running sum of head-averaged cross-attention maps, resized to `resolution` x `resolution`.
 
     `rows` selects the batch rows to record (the conditional half under classifier-free
-    guidance). `resolutions`, if given, limits recording to layers whose query grid has
-    that many rows.
+    guidance). `resolutions`, if given, limits recording to layers whose query grid has that
+    side for a square image at the model's native latent side `native_side` (so a layer is
+    chosen by its depth in the UNet, whatever each image's aspect ratio); without
+    `native_side`, by the number of rows of the grid itself.
     """
 
-    def __init__(self, resolution: int, resolutions: tuple[int, ...] = ()):
+    def __init__(self, resolution: int, resolutions: tuple[int, ...] = (), native_side: int = 0):
         self.resolution = resolution
         self.resolutions = tuple(resolutions)
+        self.native_side = native_side
         self.active = False
         self.rows: slice = slice(None)
         self.latent_hw: tuple[int, int] = (0, 0)
@@ -47,8 +50,13 @@ class AttentionRecorder:
             raise ValueError(f"cannot lay {n_queries} queries on a grid of aspect {lh}x{lw}")
         return h, w
 
+    def level(self, n_queries: int) -> int:
+        """The grid side this layer would have for a square image at the native size (its UNet level)."""
+        h = self.grid(n_queries)[0]
+        return round(h * self.native_side / self.latent_hw[0]) if self.native_side else h
+
     def wants(self, n_queries: int) -> bool:
-        return self.active and (not self.resolutions or self.grid(n_queries)[0] in self.resolutions)
+        return self.active and (not self.resolutions or self.level(n_queries) in self.resolutions)
 
     def add(self, probs: torch.Tensor) -> None:
         """probs: (B, heads, Q, L) softmax probabilities of one layer call.

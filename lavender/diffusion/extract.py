@@ -64,7 +64,9 @@ class ExtractConfig:
         "help": "keep each image's aspect ratio (sides rounded to what the UNet needs); --no-keep-aspect squeezes "
                 "the whole image into a square. The maps cover the whole image either way"})
     attn_resolutions: tuple[int, ...] = field(default=(), metadata={
-        "help": "record only cross-attention layers with these grid sides (default: all)"})
+        "help": "record only cross-attention layers with these grid sides, as they are for a square image at "
+                "--image-size (e.g. 16 8 for SD v1.x at 512 px; the same layers for every aspect ratio; "
+                "default: all)"})
     mask_padding: str = field(default="auto", metadata={
         "help": "hide padding tokens from cross-attention: auto|yes|no (auto: as the model was trained)"})
     batch_size: int = field(default=8, metadata={"help": "images per batch"})
@@ -137,13 +139,18 @@ def input_size(width: int, height: int, size: int, multiple: int, keep_aspect: b
 
     The whole image is always used (the map's frame is the whole image). With `keep_aspect` the image keeps its
     aspect ratio at about `size`**2 pixels, each side rounded to a multiple of `multiple` (what the UNet's
-    downsampling needs: 64 px for Stable Diffusion v1.x); otherwise it is squeezed into `size` x `size`.
+    downsampling needs: 64 px for Stable Diffusion v1.x); otherwise it is squeezed into `size` x `size`. A side
+    is never below `multiple`; for images more elongated than that allows, the long side gives way so that the
+    pixel count stays about `size`**2 (the image is then squeezed along it).
     """
     if not keep_aspect:
         return size, size
     scale = size / math.sqrt(width * height)
-    return (max(multiple, round(width * scale / multiple) * multiple),
-            max(multiple, round(height * scale / multiple) * multiple))
+    w, h = (max(multiple, round(side * scale / multiple) * multiple) for side in (width, height))
+    if round(min(width, height) * scale / multiple) >= 1:
+        return w, h
+    budget = max(multiple, size * size // multiple // multiple * multiple)  # the short side was raised to `multiple`
+    return (min(w, budget), h) if w >= h else (w, min(h, budget))
 
 
 def preprocess(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
@@ -167,7 +174,7 @@ class Extractor:
         self.alphas = pipe.scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.prediction_type = prediction_type(pipe.scheduler)
         self.t_end = round(cfg.strength * (len(self.alphas) - 1))
-        self.recorder = AttentionRecorder(cfg.resolution, cfg.attn_resolutions)
+        self.recorder = AttentionRecorder(cfg.resolution, cfg.attn_resolutions, self.image_size // vae_scale)
         self.max_length = pipe.tokenizer.model_max_length
 
     def input_size(self, image: Image.Image) -> tuple[int, int]:
@@ -259,6 +266,7 @@ class VocabularyReport:
         self.words: Counter = Counter()  # "words", "unknown", "split"
         self.unknown: Counter = Counter()
         self.split: Counter = Counter()
+        self.truncated = 0  # texts longer than the text encoder takes
 
     def add(self, text: str) -> int:
         """Count the words of `text`; returns its number of tokens (special tokens included)."""
@@ -277,8 +285,9 @@ class VocabularyReport:
     def summary(self) -> str:
         """One line for the log, or "" if every word is known whole or in few pieces."""
         n = self.words["words"]
+        cut = f"{self.truncated} texts were truncated to the text encoder's length" if self.truncated else ""
         if not (self.words["unknown"] or self.words["split"]) or not n:
-            return ""
+            return cut
         def top(c: Counter) -> str:
             return ", ".join(w for w, _ in c.most_common(self.examples))
         parts = []
@@ -288,7 +297,8 @@ class VocabularyReport:
         if self.words["split"]:
             parts.append(f"{self.words['split']} ({self.words['split'] / n:.1%}) split into {self.many}+ tokens "
                          f"(e.g. {top(self.split)})")
-        return "; ".join(parts) + ": their maps come from tokens that carry little of the word, so expect weak maps"
+        parts[-1] += ": their maps come from tokens that carry little of the word, so expect weak maps"
+        return "; ".join([*parts, cut] if cut else parts)
 
 
 def _load(sample: Sample, text_source: str, max_tokens: int,
@@ -299,14 +309,16 @@ def _load(sample: Sample, text_source: str, max_tokens: int,
         return None, text, f"empty {text_source}"
     try:
         image = sample.load_image()
-    except FileNotFoundError:
-        return None, text, "image not found"
+    except FileNotFoundError as err:
+        return None, text, f"image not found: {err.filename or err}"
     except (UnidentifiedImageError, OSError, ValueError) as err:
         return None, text, f"unreadable image: {err}"
     n_tokens = vocabulary.add(text)
     if n_tokens > max_tokens:
-        log.warning("sample %s: text has %d tokens, truncated to the text encoder's %d", sample.id, n_tokens,
-                    max_tokens)
+        vocabulary.truncated += 1
+        if vocabulary.truncated <= 3:  # a few by name; the total is in the summary at the end
+            log.warning("sample %s: text has %d tokens, truncated to the text encoder's %d (words cut off get no "
+                        "map)", sample.id, n_tokens, max_tokens)
     return image, text, ""
 
 
@@ -370,6 +382,8 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
     done = set(scan_shards(root))
     todo = [s for s in samples[rank::world] if s.id not in done]
     log.info("process %d/%d: %d of %d samples to do", rank, world, len(todo), len(samples))
+    if not samples:
+        log.warning("%s holds no usable sample: the store will be empty", cfg.data)
     writer = TargetsWriter(root, cfg.shard_size, cfg.store_dtype, prefix=f"r{rank}")
     vocabulary = VocabularyReport(pipe.tokenizer)
     with open(root / f"failures-r{rank}.jsonl", "w") as failures:
@@ -394,7 +408,10 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
             if ok:
                 results = extractor([im for _, im, _ in ok], [t for _, _, t in ok])
                 for (sample, image, _), maps in zip(ok, results):
-                    writer.add(sample.id, maps, image_size=image.size)
+                    if maps:
+                        writer.add(sample.id, maps, image_size=image.size)
+                    else:
+                        fail(sample.id, f"no words in its {cfg.text}")
             bar.update(len(batch))
         writer.flush()
         bar.close()

@@ -13,6 +13,7 @@ whole image; it is first cut to the part of the image the store's frame covers
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from lavender.data.frame import FULL, Box, frame_box
+
+log = logging.getLogger(__name__)
 
 
 def mask_to_grid(mask: np.ndarray, resolution: int) -> np.ndarray:
@@ -95,9 +98,23 @@ def grounding_scores(
 
 def store_grounding(targets, masks: Mapping[str, Mapping[str, np.ndarray]],
                     word_type: Callable[[str], str] = lambda w: "word") -> dict[str, dict[str, float]]:
-    """`grounding_scores` over every sample of a targets store, reading maps lazily, in the store's frame."""
-    return grounding_scores(((sid, targets[sid]) for sid in targets), masks, word_type,
-                            getattr(targets, "frame", "full"))
+    """`grounding_scores` over every sample of a targets store, reading maps lazily, in the store's frame.
+
+    Warns when the store's frame is unknown (read as the whole image) and when a mask's size differs from the
+    image size the store recorded for its sample (the masks may belong to other images)."""
+    frame = getattr(targets, "frame", "full")
+    if frame == "unknown":
+        log.warning("the store does not say which part of each image its maps cover; scored as the whole image")
+    mismatched = []
+    for sample_id, words in masks.items():
+        size = targets.image_size(sample_id) if hasattr(targets, "image_size") and sample_id in targets else None
+        shape = next(iter(words.values())).shape if words else None
+        if size is not None and shape is not None and tuple(shape) != (size[1], size[0]):
+            mismatched.append(sample_id)
+    if mismatched:
+        log.warning("%d samples' masks do not have the size of the image the store recorded (e.g. %s): are these "
+                    "the masks of the data the store was made from?", len(mismatched), ", ".join(mismatched[:3]))
+    return grounding_scores(((sid, targets[sid]) for sid in targets), masks, word_type, frame)
 
 
 def chance_pointing(masks: Mapping[str, Mapping[str, np.ndarray]], resolution: int,

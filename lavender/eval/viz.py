@@ -3,6 +3,7 @@ covers (see `lavender.data.frame`)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +15,8 @@ from PIL import Image
 
 from lavender.data.frame import FULL, Box, frame_box
 from lavender.data.samples import Sample
+
+log = logging.getLogger(__name__)
 
 
 def overlay_figure(image: Image.Image, maps: dict[str, np.ndarray], title: str = "", alpha: float = 0.55,
@@ -44,18 +47,24 @@ def overlay_figure(image: Image.Image, maps: dict[str, np.ndarray], title: str =
 
 
 def write_overlays(samples: list[Sample], targets, out_dir: str | Path, count: int = 8) -> list[Path]:
-    """Write `<out_dir>/<sample id>.png` for the first `count` samples that have maps."""
+    """Write `<out_dir>/<sample id>.png` for the first `count` samples that have maps and a readable image
+    (an unreadable one is logged and passed over). Titles show the text the store's maps were made from."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    frame = getattr(targets, "frame", "full")
+    source = getattr(targets, "settings", {}).get("text", "caption")
     written = []
     for sample in samples:
         if len(written) >= count:
             break
         if sample.id not in targets:
             continue
-        image = sample.load_image()
-        frame = getattr(targets, "frame", "full")
-        title = sample.caption + (" (frame unknown: drawn over the whole image)" if frame == "unknown" else "")
+        try:
+            image = sample.load_image()
+        except (OSError, ValueError) as err:
+            log.warning("no overlay for sample %s: %s", sample.id, err)
+            continue
+        title = sample.text(source) + (" (frame unknown: drawn over the whole image)" if frame == "unknown" else "")
         fig = overlay_figure(image, targets[sample.id], title=title, box=frame_box(frame, *image.size))
         path = out / f"{sample.id.replace('/', '_')}.png"
         fig.savefig(path, dpi=100)

@@ -12,6 +12,7 @@ map, an over-long text) is counted, never fatal.
 from __future__ import annotations
 
 import logging
+import random
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -37,12 +38,19 @@ EVENTS = ("unreadable images", "samples the processor rejected", "truncated samp
           "samples too long for their image", "samples without an answer", "samples whose answer was cut off",
           "samples without targets", "words without a target", "targets of the wrong shape", "invalid targets",
           "targets outside the VLM's view")
+# events that make a sample unusable (the others only adjust it or its words)
+UNUSABLE = ("unreadable images", "samples the processor rejected", "samples too long for their image",
+            "samples without an answer", "samples whose answer was cut off")
 NO_ANSWER = "no answer: no assistant turn has text"  # why a sample with nothing to train on is refused
 TARGET_TOLERANCE = 1e-3  # stage-1 maps are min-max normalised: [0, 1] up to storage rounding
 _IMAGE_TAG = re.compile(r"<image>\s*")
 # per-sample tensors laid out along the sequence, padded by the collator with these values
 SEQUENCE_PAD = {"input_ids": None, "attention_mask": 0, "labels": IGNORE, "cross_attention_mask": 0,
                 "mm_token_type_ids": 0, "token_type_ids": 0}
+
+
+class DataError(ValueError):
+    """Too much of the data cannot be used to go on; the message says what was found."""
 
 
 class ChatTemplateError(ValueError):
@@ -153,8 +161,12 @@ def valid_target(target: np.ndarray, tolerance: float = TARGET_TOLERANCE) -> boo
 def chat(sample: Sample, instruction: str) -> list[dict]:
     """The sample's turns as chat messages (system turns included, as they are), the image in the first
     user turn."""
+    turns = conversation(sample, instruction)
+    first = next((i for i, (role, _) in enumerate(turns) if role != "system"), len(turns))
+    if first == len(turns) or turns[first][0] != "user":  # no user turn to hold the image: the instruction's
+        turns = [*turns[:first], ("user", instruction), *turns[first:]]
     messages, image_placed = [], False
-    for role, text in conversation(sample, instruction):
+    for role, text in turns:
         content = [{"type": "text", "text": text}]
         if role == "user" and not image_placed:
             content.insert(0, {"type": "image"})
@@ -191,6 +203,28 @@ def label_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, i
     return full, spans
 
 
+def adds_special_tokens(processor, text: str) -> bool:
+    """Whether the tokenizer should add its special tokens (BOS) to a rendered chat: yes unless the text
+    already starts with the tokenizer's BOS token, the rule of transformers' `ProcessorMixin.apply_chat_template`.
+    So a template that does not write BOS still gets it, and one that does gets no second one. A token the
+    tokenizer adds has an empty character span, so it takes no label and belongs to no word."""
+    bos = getattr(processor, "tokenizer", processor).bos_token
+    return not (bos is not None and text.startswith(bos))
+
+
+def check_leading_bos(processor, text: str, input_ids: torch.Tensor, offsets: torch.Tensor) -> None:
+    """Raise ChatTemplateError if a BOS token at the start of the encoding is neither one the tokenizer added
+    (empty span) nor the one the template wrote (spanning `text`'s BOS): then the processor wrote BOS into the
+    text itself, as Mllama's does in front of a chat without one, every offset is off by its length and the
+    labels would land on the wrong tokens (with a second BOS too, if the tokenizer adds one)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    for token, (start, end) in zip(input_ids[:2].tolist(), offsets[:2].tolist()):
+        if token == tokenizer.bos_token_id and end > start and text[start:end] != tokenizer.bos_token:
+            raise ChatTemplateError("the processor put a BOS token of its own in front of the rendered chat, so its "
+                                    "offsets no longer match the chat: write {{ bos_token }} at the start of the "
+                                    "chat template")
+
+
 def unexpanded_offsets(input_ids: torch.Tensor, offsets: torch.Tensor, image_token_id: int,
                        placeholder_chars: int) -> torch.Tensor:
     """Character offsets in the text before the processor expanded each image placeholder into a run of
@@ -218,14 +252,19 @@ class Coverage:
 
     samples: int  # training samples
     with_targets: int  # of them, held by the store
-    probed: int = 0  # samples with targets that were encoded to look for their words
+    attempted: int = 0  # samples the probe tried to encode
+    probed: int = 0  # of them, encoded (the rest could not be used: `failures`)
     target_words: int = 0  # distinct store words of the probed samples
     matched_words: int = 0  # of them, found in the text with a usable map
     unusable_maps: int = 0  # matches whose map was invalid or of the wrong shape
+    failures: Counter = field(default_factory=Counter)  # why probed samples could not be used
 
     def __str__(self) -> str:
         share = _share(self.with_targets, self.samples)
         text = f"{self.with_targets}/{self.samples} training samples ({share}) have targets"
+        if self.failures:
+            text += (f"; {self.attempted - self.probed} of {self.attempted} probed samples could not be used "
+                     f"({', '.join(f'{n} {why}' for why, n in self.failures.items())})")
         if self.probed:
             text += (f"; in a probe of {self.probed} of them, {self.matched_words}/{self.target_words} target "
                      f"words ({_share(self.matched_words, self.target_words)}) matched their text")
@@ -255,6 +294,7 @@ class StageTwoDataset(Dataset):
         self.samples, self.processor, self.targets = samples, processor, targets
         self.image_token_id, self.instruction, self.max_length = image_token_id, instruction, max_length
         self.match, self.position, self.retries = match, position, retries
+        self._bad: set[int] = set()  # indices found unusable in this process
         self.text_source = targets.settings.get("text", "caption") if targets is not None else "caption"
         self.placeholder_chars = len(getattr(processor, "image_token", "") or "")
         # The VLM family's `image_view`: where each image lies on its plane. Without it the whole plane is taken
@@ -279,29 +319,44 @@ class StageTwoDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Encoded:
-        """The sample at `index`, or the next one that can be encoded (the skipped ones are counted)."""
+        """The sample at `index` or, if it cannot be used, one drawn in its place.
+
+        Replacements are drawn at random (seeded by `index`, so a resumed run draws the same ones), not taken
+        from the next indices, so a block of bad samples does not hand its share of the epoch to the sample
+        after it. A bad sample is counted and logged once per process, then passed over silently."""
         events: Counter = Counter()
+        draw = random.Random(index)
         for attempt in range(self.retries):
-            sample = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                image = sample.load_image()
-            except (OSError, ValueError) as err:
-                log.warning("skipping sample %s: %s", sample.id, err)
-                events["unreadable images"] += 1
+            i = index if attempt == 0 else draw.randrange(len(self.samples))
+            if i in self._bad:
                 continue
-            try:
-                encoded = self.encode(sample, image)
-            except ChatTemplateError:
-                raise
-            except (ValueError, RuntimeError, IndexError) as err:  # e.g. an image the processor cannot tile
-                log.warning("skipping sample %s: the processor failed: %s", sample.id, err)
-                events["samples the processor rejected"] += 1
-                continue
-            encoded.events.update(events)
-            if encoded.inputs:
+            encoded = self._try(self.samples[i], events)
+            if encoded is not None and encoded.inputs:
+                encoded.events.update(events)
                 return encoded
-            events = encoded.events
-        raise RuntimeError(f"{self.retries} samples in a row from index {index} could not be used: {dict(events)}")
+            if encoded is not None:
+                events.update(encoded.events)
+            self._bad.add(i)
+        raise DataError(f"no usable sample in {self.retries} draws from index {index}; most of the data cannot be "
+                        f"used ({dict(events) or 'every draw hit a sample already found bad'}); see the warnings "
+                        "above for which samples and why")
+
+    def _try(self, sample: Sample, events: Counter) -> Encoded | None:
+        """`sample` encoded, or None if its image or the processor fails (counted in `events`)."""
+        try:
+            image = sample.load_image()
+        except (OSError, ValueError) as err:
+            log.warning("skipping sample %s: %s", sample.id, err)
+            events["unreadable images"] += 1
+            return None
+        try:
+            return self.encode(sample, image)
+        except ChatTemplateError:
+            raise
+        except (ValueError, RuntimeError, IndexError) as err:  # e.g. an image the processor cannot tile
+            log.warning("skipping sample %s: the processor failed: %s", sample.id, err)
+            events["samples the processor rejected"] += 1
+            return None
 
     def encode(self, sample: Sample, image) -> Encoded:
         """Inputs, labels and aligned words of one sample; empty inputs if it cannot be trained on."""
@@ -309,9 +364,10 @@ class StageTwoDataset(Dataset):
         messages = chat(sample, self.instruction)
         text, spans = label_spans(self.processor, messages)
         answered = [has_text(m["content"][-1]["text"]) for m in messages if m["role"] == "assistant"]
-        batch = self.processor(text=[text], images=[[image]], return_tensors="pt", add_special_tokens=False,
-                               return_offsets_mapping=True)
+        batch = self.processor(text=[text], images=[[image]], return_tensors="pt", return_offsets_mapping=True,
+                               add_special_tokens=adds_special_tokens(self.processor, text))
         inputs = dict(batch)
+        check_leading_bos(self.processor, text, inputs["input_ids"][0], inputs["offset_mapping"][0])
         truncated = inputs["input_ids"].shape[1] > self.max_length
         if truncated:
             events["truncated samples"] += 1
@@ -364,7 +420,7 @@ class StageTwoDataset(Dataset):
         text_places = torch.cumsum(real.long(), 0)  # 1-based place of each text token
         n_text = max(int(real.sum()), 1)
         spans = [(int(s), int(e)) if r else (0, 0) for (s, e), r in zip(offsets.tolist(), real.tolist())]
-        words = []
+        words, skipped = [], 0  # skipped: matches whose map cannot be used
         segments = aligned_segments(sample, self.text_source)
         for role, segment in segments:
             # a reply is looked for from the first assistant turn on, so a short answer is not found in the question
@@ -373,36 +429,39 @@ class StageTwoDataset(Dataset):
                 target = maps[match.word]
                 if target.shape != (resolution, resolution):
                     events["targets of the wrong shape"] += 1
+                    skipped += 1
                     continue
                 if not valid_target(target):  # NaN, Inf or not normalised: bad data, like a missing map
                     events["invalid targets"] += 1
+                    skipped += 1
                     continue
                 weights = tuple(float(text_places[r]) / n_text for r in match.rows)
                 words.append(AlignedWord(match.word, match.rows, weights, cut_target(target, view)))
         in_text = sum(len(find_words(segment)) for _, segment in segments)
-        events["words without a target"] += max(in_text - len(words), 0)
+        events["words without a target"] += max(in_text - len(words) - skipped, 0)
         return words
 
     def coverage(self, probe: int = 32) -> Coverage:
-        """How many samples the store holds (by id) and, by encoding up to `probe` of them spread evenly over
-        the data, how many of their store words are found in their text. Cheap: one id lookup per sample."""
-        if self.targets is None:
-            return Coverage(len(self.samples), 0)
-        held = [s for s in self.samples if s.id in self.targets]
+        """How many samples the store holds (by id) and, by encoding up to `probe` samples spread evenly over
+        the data (those with targets, if there is a store), how many can be used at all and how many of their
+        store words are found in their text. Cheap: one id lookup per sample, `probe` encodings."""
+        held = [s for s in self.samples if self.targets is not None and s.id in self.targets]
         found = Coverage(len(self.samples), len(held))
-        for sample in held[:: max(len(held) // probe, 1)][:probe]:
-            try:
-                encoded = self.encode(sample, sample.load_image())
-            except ChatTemplateError:
-                raise
-            except (OSError, ValueError, RuntimeError, IndexError):
-                continue  # counted when training meets it
-            if not encoded.inputs:
+        pool = held if self.targets is not None else self.samples
+        for sample in pool[:: max(len(pool) // probe, 1)][:probe]:
+            found.attempted += 1
+            failures: Counter = Counter()
+            encoded = self._try(sample, failures)
+            if encoded is not None and not encoded.inputs:
+                failures.update(encoded.events)
+            if encoded is None or not encoded.inputs:
+                found.failures.update(k for k, v in failures.items() if v and k in UNUSABLE)
                 continue
             found.probed += 1
-            found.target_words += len(set(self.targets.words(sample.id)))
-            found.matched_words += len({w.word for w in encoded.words})
-            found.unusable_maps += encoded.events["invalid targets"] + encoded.events["targets of the wrong shape"]
+            if self.targets is not None:
+                found.target_words += len(set(self.targets.words(sample.id)))
+                found.matched_words += len({w.word for w in encoded.words})
+                found.unusable_maps += encoded.events["invalid targets"] + encoded.events["targets of the wrong shape"]
         return found
 
 
