@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +13,7 @@ from lavender.align.aligner import Aligner, AlignerConfig
 from lavender.utils.maps import min_max
 
 
-@pytest.mark.parametrize("depth,blocks", [("light", 1), ("sim", 2), ("deep", 4), ("3", 3)])
+@pytest.mark.parametrize("depth,blocks", [("light", 1), ("sim", 2), ("deep", 4), ("3", 3), ("authors", 3)])
 def test_conv_depth_counts_3x3_blocks(depth, blocks):
     aligner = Aligner(AlignerConfig(depth=depth, in_channels=8))
     convs = [m for m in aligner.modules() if isinstance(m, nn.Conv2d)]
@@ -50,3 +53,69 @@ def test_bad_config_is_refused():
         AlignerConfig(norm="layer")
     with pytest.raises(ValueError):
         AlignerConfig(depth="0")
+
+
+# -- the authors' release --------------------------------------------------------------------------------------
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def _layout(aligner: Aligner) -> list[tuple]:
+    """Each layer of a conv Aligner as (kind, in, out, kernel, bias or affine)."""
+    out = []
+    for m in aligner.net:
+        if isinstance(m, nn.Conv2d):
+            out.append(("conv", m.in_channels, m.out_channels, m.kernel_size, m.bias is not None))
+        elif isinstance(m, nn.InstanceNorm2d):
+            out.append(("instance", m.num_features, m.affine))
+        else:
+            out.append((type(m).__name__,))
+    return out
+
+
+@pytest.mark.parametrize("heads", [32, 8])
+def test_the_authors_depth_is_the_release_sim_network(heads):
+    """The release's "sim": 3x3 convs (no bias) d_in -> 32 -> 32 -> d_in, each followed by a plain InstanceNorm and
+    ReLU6, then a 1x1 conv (with bias) to one channel; d_in is the number of heads."""
+    aligner = Aligner(AlignerConfig(depth="authors", in_channels=heads, hidden=32, norm="instance"))
+    assert aligner.cfg.num_blocks == 3
+    assert _layout(aligner) == [
+        ("conv", heads, 32, (3, 3), False), ("instance", 32, False), ("ReLU6",),
+        ("conv", 32, 32, (3, 3), False), ("instance", 32, False), ("ReLU6",),
+        ("conv", 32, heads, (3, 3), False), ("instance", heads, False), ("ReLU6",),
+        ("conv", heads, 1, (1, 1), True)]
+    out = aligner(torch.rand(2, heads, 40, 40))
+    assert out.shape == (2, 32, 32) and out.amin() == 0 and out.amax() == 1
+    assert [m[0] for m in _layout(Aligner(AlignerConfig(depth="sim", in_channels=heads)))] == [
+        "conv", "instance", "ReLU6", "conv", "instance", "ReLU6", "conv"]  # ours stays two blocks
+
+
+def _train_config(path: Path):
+    import argparse
+
+    from lavender.config import add_dataclass_args, config_from_args
+    from lavender.train.config import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, TrainConfig)
+    return config_from_args(TrainConfig, parser.parse_args(["--config", str(path)]))
+
+
+def test_the_authors_release_preset_loads_with_the_release_settings():
+    cfg = _train_config(EXAMPLES / "authors-release.yaml")
+    assert cfg.model == "meta-llama/Llama-3.2-11B-Vision-Instruct"
+    assert (cfg.lam, cfg.lr, cfg.aligner_lr, cfg.weight_decay) == (10.0, 1e-4, 1e-4, 0.0)
+    assert (cfg.lora, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (True, 8, 32, 0.05)
+    assert re.fullmatch(cfg.lora_targets, "language_model.model.layers.3.self_attn.q_proj")
+    assert re.fullmatch(cfg.lora_targets, "language_model.model.layers.3.cross_attn.v_proj")
+    assert not re.fullmatch(cfg.lora_targets, "language_model.model.layers.3.self_attn.k_proj")
+    assert (cfg.aggregation, cfg.align_position, cfg.match) == ("heads", "predict", "exact")
+    assert (cfg.aligner_kind, cfg.aligner_depth, cfg.aligner_hidden, cfg.aligner_norm) == (
+        "conv", "authors", 32, "instance")
+    assert cfg.batch_size == 1 and cfg.max_grad_norm == 0
+    aligner = Aligner(cfg.aligner(32))  # Llama 3.2 11B Vision: 32 heads per cross-attention layer
+    assert [m[0] for m in _layout(aligner)] == ["conv", "instance", "ReLU6"] * 3 + ["conv"]
+
+
+def test_the_llama_preset_pairs_words_with_the_rows_that_predict_them():
+    cfg = _train_config(EXAMPLES / "llama32-11b-vision.yaml")
+    assert cfg.align_position == "predict" and cfg.aligner_depth == "sim"

@@ -1,9 +1,15 @@
 """The Aligner: a small network from aggregated VLM attention to a map comparable with the stage-1 target.
 
-Input: (N, C, h, w) attention on the image plane, C = 1 after aggregation or C = heads when heads are the
-input channels. It is resized to the target resolution, passed through `depth` 3x3 conv blocks (bias-free
-conv, norm, ReLU6) and a 1x1 conv to one channel, or through an MLP, and min-max normalised per map exactly
-as stage 1 normalises its targets.
+Input: (N, C, h, w) attention on the image plane, C = 1 after aggregation or C = heads (or layers * heads)
+when heads are the input channels, on the scale where uniform attention is 1 (`lavender.align.aggregate`).
+It is resized to the target resolution, passed through 3x3 conv blocks (bias-free conv, norm, ReLU6) and a
+1x1 conv to one channel, or through an MLP, and min-max normalised per map exactly as stage 1 normalises its
+targets.
+
+Depths: `light`, `sim` and `deep` are the paper's one-, two- and four-layer variants (Section 6, "Configurable
+Aligner Network"), `N` any number of blocks. `authors` is the authors' release's "sim" network: three blocks
+C -> hidden -> hidden -> C (the last conv squeezes back to the input channels) with plain, non-affine
+InstanceNorm, then the 1x1 conv; the release's hidden width is 32.
 """
 
 from __future__ import annotations
@@ -17,15 +23,16 @@ from torch import nn
 
 from lavender.utils.maps import min_max
 
-DEPTHS = {"light": 1, "sim": 2, "deep": 4}
+DEPTHS = {"light": 1, "sim": 2, "deep": 4, "authors": 3}
 NORMS = ("instance", "batch", "group", "none")
 
 
 @dataclass
 class AlignerConfig:
     kind: str = field(default="conv", metadata={"help": "conv|mlp"})
-    depth: str = field(default="sim", metadata={"help": "light (1 block), sim (2), deep (4), or a number"})
-    in_channels: int = field(default=1, metadata={"help": "1 after aggregation, or the number of heads"})
+    depth: str = field(default="sim", metadata={
+        "help": "light (1 block), sim (2), deep (4), a number, or authors (the release's 3-block sim)"})
+    in_channels: int = field(default=1, metadata={"help": "1 after aggregation, or the number of head channels"})
     hidden: int = field(default=32, metadata={"help": "channels of the conv blocks / width of the MLP"})
     norm: str = field(default="instance", metadata={"help": "instance|batch|group|none"})
     resolution: int = field(default=32, metadata={"help": "side of the output map (the targets' resolution)"})
@@ -44,9 +51,9 @@ class AlignerConfig:
         return DEPTHS[self.depth] if self.depth in DEPTHS else int(self.depth)
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
+def _norm(kind: str, channels: int, affine: bool = True) -> nn.Module:
     if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
+        return nn.InstanceNorm2d(channels, affine=affine)
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "group":
@@ -59,13 +66,15 @@ class Aligner(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.kind == "conv":
+            authors = cfg.depth == "authors"
+            widths = [cfg.in_channels] + [cfg.hidden] * cfg.num_blocks
+            if authors:  # the release's last 3x3 conv squeezes back to the input channels
+                widths[-1] = cfg.in_channels
             layers: list[nn.Module] = []
-            channels = cfg.in_channels
-            for _ in range(cfg.num_blocks):
-                layers += [nn.Conv2d(channels, cfg.hidden, 3, padding=1, bias=False), _norm(cfg.norm, cfg.hidden),
+            for a, b in itertools.pairwise(widths):
+                layers += [nn.Conv2d(a, b, 3, padding=1, bias=False), _norm(cfg.norm, b, affine=not authors),
                            nn.ReLU6()]
-                channels = cfg.hidden
-            layers.append(nn.Conv2d(channels, 1, 1))
+            layers.append(nn.Conv2d(widths[-1], 1, 1))
             self.net = nn.Sequential(*layers)
         else:
             area = cfg.resolution * cfg.resolution

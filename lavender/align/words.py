@@ -4,8 +4,10 @@ The aligned text (the text the stage-1 store was built from) is found inside the
 words are matched to the prompt's tokens by character offsets (so a word split into several sub-word
 tokens still matches), and each word is paired with a target word of the store:
 
-- `exact`: the same lower-cased word; `root`: the same lemma (simplemma, whose dictionaries ship with
-  the package, so nothing is downloaded at run time).
+- `exact`: the same lower-cased word; `root`: the same word if the store has it, else a word of the same
+  lemma (simplemma, whose dictionaries ship with the package, so nothing is downloaded at run time): the
+  store word that is its own lemma if there is one, else the store's first word of that lemma. So with maps
+  for both "dog" and "dogs", each word gets its own.
 - `input`: the rows of the word's own tokens; `predict`: the rows of the tokens that predict them (one
   position earlier), which is what a next-token loss trains.
 """
@@ -13,6 +15,7 @@ tokens still matches), and each word is paired with a target word of the store:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -47,6 +50,17 @@ def find_text(prompt: str, text: str, start: int = 0) -> int:
     return -1
 
 
+def target_lookup(target_words: list[str], mode: str = "exact") -> Callable[[str], str | None]:
+    """A function from a lower-cased word to the store word whose map it gets (None if none), by `mode`."""
+    exact = {w.lower(): w for w in target_words}
+    if mode == "exact":
+        return exact.get
+    lemmas: dict[str, str] = {}
+    for w in sorted(target_words, key=lambda w: root(w) != w.lower()):  # words that are their own lemma first
+        lemmas.setdefault(root(w), w)
+    return lambda word: exact.get(word) or lemmas.get(root(word))
+
+
 def match_words(prompt: str, offsets: list[tuple[int, int]], aligned_text: str, target_words: list[str],
                 mode: str = "exact", position: str = "input", search_from: int = 0) -> list[WordRows]:
     """Pair each word of `aligned_text`, where it first stands in `prompt` after `search_from`, with a target
@@ -61,13 +75,12 @@ def match_words(prompt: str, offsets: list[tuple[int, int]], aligned_text: str, 
     if start < 0:
         return []
     end = start + len(aligned_text)
-    key = (lambda w: w) if mode == "exact" else root
-    targets = {key(w.lower()): w for w in target_words}
+    lookup = target_lookup(target_words, mode)
     out = []
     for wt in words_to_tokens(prompt, offsets):
         if wt.start < start or wt.end > end:
             continue
-        target = targets.get(key(wt.word))
+        target = lookup(wt.word)
         if target is None:
             continue
         rows = wt.tokens if position == "input" else tuple(t - 1 for t in wt.tokens if t > 0)
