@@ -32,6 +32,7 @@ from transformers import (
 )
 from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
 from transformers.models.minicpmv4_6.processing_minicpmv4_6 import MiniCPMV4_6Processor
+from vlm_testers import VLMTester
 
 PATCH = 4
 KINDS = ("minicpmv4_6", "minicpmv4_7", "minicpm_ocr")
@@ -204,3 +205,32 @@ def minicpmv_inputs(kind: str = "minicpmv4_6", count: int = 2) -> dict:
     texts = [prompt(q, a) for q, a, _, _ in samples]
     images = [noise_image(h, w, seed=i) for i, (_, _, h, w) in enumerate(samples)]
     return encode(texts, images, kind)
+
+
+class MiniCPMVTester(VLMTester):
+    """One of the three kinds: gated attention with q/k norms and partial M-RoPE, biased, GQA; layers (full, linear,
+    full); a left-padded batch, then one sample without any mask."""
+
+    layers, biased = (0, 2), True
+
+    def __init__(self, kind: str = "minicpmv4_6"):
+        self.id = self.kind = kind
+
+    def build_model(self, attn):
+        return tiny_minicpmv(attn, self.kind)
+
+    def batches(self):
+        return [minicpmv_inputs(self.kind), minicpmv_inputs(self.kind, count=1)]
+
+    @property
+    def image_token_id(self):
+        return build_tokenizer().convert_tokens_to_ids(IMAGE_PAD)
+
+    def rows(self, batch):
+        s = batch["input_ids"].shape[1]
+        image_row = int((batch["input_ids"][0] == self.image_token_id).nonzero()[4])
+        return torch.tensor([s - 1, s - 4, s - 7, image_row])  # text after the image, an image token
+
+    def reference(self, eager, batch):
+        attentions = eager(**batch, output_attentions=True).attentions  # the full-attention layers' only
+        return dict(zip(self.layers, attentions, strict=True))

@@ -29,6 +29,7 @@ from transformers import (
     Qwen2VLProcessor,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from vlm_testers import VLMTester
 
 from lavender.world.scenes import world_vocabulary
 
@@ -224,3 +225,27 @@ def save_tiny_qwen2_vl(out: str | Path, qwen2_5: bool = False) -> Path:
     model.save_pretrained(out)
     build_processor().save_pretrained(out)
     return out
+
+
+class Qwen2VLTester(VLMTester):
+    """Qwen2-VL or Qwen2.5-VL: biased q/k, M-RoPE, GQA; a left-padded batch, then one sample without any mask."""
+
+    layers, biased = (0, 2), True
+
+    def __init__(self, qwen2_5: bool = False):
+        self.qwen2_5, self.id = qwen2_5, "qwen2_5_vl" if qwen2_5 else "qwen2_vl"
+
+    def build_model(self, attn):
+        return tiny_qwen2_vl(attn, self.qwen2_5)
+
+    def batches(self):
+        return [qwen2_vl_inputs(padding_side="left"), qwen2_vl_inputs(count=1)]
+
+    @property
+    def image_token_id(self):
+        return build_tokenizer().convert_tokens_to_ids(IMAGE_PAD)
+
+    def rows(self, batch):
+        s = batch["input_ids"].shape[1]
+        image_row = int((batch["input_ids"][0] == self.image_token_id).nonzero()[4])
+        return torch.tensor([s - 1, s - 4, s - 7, image_row])  # text after the image, an image token

@@ -1,28 +1,11 @@
-"""LLaVA: captured self-attention rows equal the eager model's probabilities; image tokens map to patches."""
+"""LLaVA: image tokens map row-major onto the patch grid (capture: the shared suite, test_vlm_adapters.py)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
-from vlm_testers import IMAGE_TOKEN, check_learned_rows, llava_inputs, tiny_llava
+from vlm_testers import IMAGE_TOKEN, llava_inputs, tiny_llava
 
-from lavender.vlm.llava import capture_self_attention_rows, image_key_positions, keys_to_plane, patch_grid
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_captured_rows_equal_eager_attention(attn):
-    eager = tiny_llava("eager")
-    model = tiny_llava(attn)
-    model.load_state_dict(eager.state_dict())
-    inputs = llava_inputs()
-    rows = torch.tensor([18, 20, 23])
-    with torch.no_grad():
-        reference = eager(**inputs, output_attentions=True).attentions
-        with capture_self_attention_rows(model, layers=[0, 2], rows=rows) as captured:
-            model(**inputs)
-    for layer in (0, 2):
-        torch.testing.assert_close(captured[layer], reference[layer][:, :, rows], atol=1e-5, rtol=1e-5)
-    assert captured[2][1, :, :, 0].abs().max() < 1e-6  # the padded position gets nothing
+from lavender.vlm.llava import image_key_positions, keys_to_plane, patch_grid
 
 
 def test_image_tokens_map_row_major_onto_the_patch_grid():
@@ -46,13 +29,3 @@ def test_image_tokens_map_row_major_onto_the_patch_grid():
         embedded = model(**inputs, output_hidden_states=True).hidden_states[0]
     for b in range(2):
         torch.testing.assert_close(embedded[b, positions[b]], features[b])
-
-
-def test_learned_projections_start_equal_and_move_only_the_loss_attention():
-    from lavender.vlm.llava import learned_projections
-
-    model = tiny_llava("sdpa")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    check_learned_rows(model, capture_self_attention_rows, learned_projections(model, [1]), 1,
-                       torch.tensor([19, 22]), llava_inputs(), key=5)

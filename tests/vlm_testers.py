@@ -1,8 +1,11 @@
-"""Tiny seeded VLMs of each family and matching inputs, shared by the VLM tests."""
+"""Tiny seeded VLMs of each family and matching inputs, shared by the VLM tests, and the family testers of the
+shared adapter suite (`tests/test_vlm_adapters.py`): `VLMTester` says what the suite needs of a family, and
+`MllamaTester` and `LlavaTester` here, `Qwen2VLTester` and `MiniCPMVTester` next to their models, provide it."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -105,32 +108,83 @@ def save_tiny_llava(out, attn: str = "sdpa"):
     return out
 
 
-def check_learned_rows(model, capture, learned, layer: int, rows: torch.Tensor, inputs: dict, key: int,
-                       move: str = "k", biased: bool = False) -> None:
-    """The `learn` projections of one layer: at the start their rows equal the layer's own (1e-6) and keep a
-    graph even when the model runs without one; a loss on them reaches W_Qd and W_Kd (and their biases, which a
-    `biased` family must have);
-    moving one (`move`: "q" or "k") changes the loss's rows but leaves the model's logits exactly as they were."""
-    name = str(layer)
-    with torch.no_grad():
-        with capture(model, [layer], rows) as own:
-            reference = model(**inputs).logits
-        with capture(model, [layer], rows, learned=learned) as parallel:
-            model(**inputs)
-    torch.testing.assert_close(parallel[layer], own[layer], atol=1e-6, rtol=1e-6)
-    assert parallel[layer].requires_grad
-    with capture(model, [layer], rows, learned=learned) as parallel:
-        logits = model(**inputs).logits
-    parallel[layer][..., key].sum().backward()
-    for proj in (learned.q[name], learned.k[name]):
-        assert proj.weight.grad.abs().sum() > 0
-        if biased:
-            assert proj.bias.grad.abs().sum() > 0
-    with torch.no_grad():
-        weight = getattr(learned, move)[name].weight
-        weight.add_(0.5 * torch.randn_like(weight))
-        with capture(model, [layer], rows, learned=learned) as moved:
-            after = model(**inputs).logits
-    assert (moved[layer] - own[layer]).abs().max() > 1e-3  # the loss's attention moved...
-    assert torch.equal(after, reference)  # ...and the model's did not
-    torch.testing.assert_close(logits.detach(), reference)
+# -- testers of the shared adapter suite ---------------------------------------------------------------------
+class VLMTester:
+    """What the shared adapter tests need of a family: a tiny seeded model, batches, and where to look in them."""
+
+    id: str
+    layers: tuple[int, ...]  # alignable layers the tests capture
+    biased = False  # whether its q and k projections have biases
+    move = "k"  # the `learn` projection the tests perturb
+
+    def build_model(self, attn: str) -> nn.Module:
+        """A seeded random model (the same weights for every `attn`) using attention kernel `attn`, in eval mode."""
+        raise NotImplementedError
+
+    def batches(self) -> list[dict]:
+        """Model inputs: the first a batch of two samples with padding, then any other case worth checking."""
+        raise NotImplementedError
+
+    def rows(self, batch: dict) -> torch.Tensor:
+        """(R,) query positions to capture: text after the image, and any other interesting row."""
+        raise NotImplementedError
+
+    @property
+    def image_token_id(self) -> int:
+        raise NotImplementedError
+
+    def image_key(self, batch: dict) -> int:
+        """A key index that shows sample 0's image."""
+        return int((batch["input_ids"][0] == self.image_token_id).nonzero()[0])
+
+    def reference(self, eager: nn.Module, batch: dict) -> dict[int, torch.Tensor]:
+        """`layer -> (B, heads, S, keys)`: an eager model's own attention probabilities."""
+        attentions = eager(**batch, output_attentions=True).attentions
+        return {layer: attentions[layer] for layer in self.layers}
+
+    def unseen(self, batch: dict, rows: torch.Tensor) -> torch.Tensor:
+        """(B, R, keys) bool: the keys `rows` may not attend (self-attention: later positions and padding)."""
+        ids = batch["input_ids"]
+        later = torch.arange(ids.shape[1]) > rows[:, None]  # (R, S)
+        padding = batch.get("attention_mask", torch.ones_like(ids)) == 0  # (B, S)
+        return later[None] | padding[:, None]
+
+
+class MllamaTester(VLMTester):
+    """Cross-attention layer 1 of 3; GQA (4 query / 2 key-value heads); sample 0 shows two of its four tiles."""
+
+    id, layers, move = "mllama", (1,), "q"
+    image_token_id = 63
+
+    def build_model(self, attn):
+        return tiny_mllama(attn)
+
+    def batches(self):
+        return [mllama_inputs()]
+
+    def rows(self, batch):
+        return torch.tensor([2, 4, 8])  # the image token itself and text after it
+
+    def image_key(self, batch):
+        return 1  # tile 0's first patch
+
+    def unseen(self, batch, rows):
+        unseen = torch.zeros(2, len(rows), TILES * (1 + GRID * GRID), dtype=torch.bool)
+        unseen[0, :, 2 * (1 + GRID * GRID):] = True  # sample 0's padding tiles
+        return unseen
+
+
+class LlavaTester(VLMTester):
+    """Self-attention over 24 tokens with 4 x 4 image tokens; GQA; sample 1 left-padded by one token."""
+
+    id, layers = "llava", (0, 2)
+    image_token_id = IMAGE_TOKEN
+
+    def build_model(self, attn):
+        return tiny_llava(attn)
+
+    def batches(self):
+        return [llava_inputs()]
+
+    def rows(self, batch):
+        return torch.tensor([18, 20, 23, 9])  # text after the image, an image token

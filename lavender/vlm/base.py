@@ -1,26 +1,31 @@
 """One adapter per VLM family, found through a validating registry.
 
-An adapter knows four things about its family: which decoder layers can be aligned, how to capture the
-attention rows of chosen query positions in them, how those rows' image keys map back onto the image
-plane, and where on that plane the image lies (`image_view`: padding excluded, crops accounted for; see
-`lavender.data.frame`). Everything else in stage 2 is generic.
+An adapter knows four things about its family: which decoder layers can be aligned (and their attention
+modules), how those rows' image keys map back onto the image plane (`to_image`), where on that plane the
+image lies (`image_view`: padding excluded, crops accounted for; see `lavender.data.frame`), and, for the
+`learn` aggregation only, how its parallel W_Qd, W_Kd turn a layer's input into queries and keys. Capturing the
+rows is generic (`lavender.vlm.attention.capture_rows`), and so is everything else in stage 2.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from lavender.data.frame import ImageView
 from lavender.vlm.attention import (
     LearnedProjections,
-    capture_self_attention_rows,
+    capture_rows,
     image_key_positions,
     keys_to_plane,
-    self_attention_projections,
+    split_heads,
+    take_rows,
+    text_decoder_layers,
 )
 
 _ADAPTERS: dict[str, type[VLMAdapter]] = {}
@@ -29,6 +34,7 @@ _ADAPTERS: dict[str, type[VLMAdapter]] = {}
 class VLMAdapter(ABC):
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # `config.model_type` values this adapter serves
+    attention_name: ClassVar[str] = "self_attn"  # the aligned attention module of a decoder layer
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -37,17 +43,44 @@ class VLMAdapter(ABC):
     def alignable_layers(self) -> list[int]:
         """Decoder layer indices whose text-to-image attention can be aligned."""
 
-    @abstractmethod
+    def attention_module(self, layer: int) -> nn.Module:
+        """The attention module aligned in decoder layer `layer` (its `attention_name` attribute).
+
+        Raises `ValueError` for a layer that is not alignable.
+        """
+        if layer not in self.alignable_layers():
+            raise ValueError(f"layer {layer} has no attention to align in a {self.family} model; "
+                             f"alignable: {self.alignable_layers()}")
+        return getattr(text_decoder_layers(self.model)[layer], self.attention_name)
+
     def capture(self, layers: list[int], rows: torch.Tensor | None = None,
                 learned: LearnedProjections | None = None) -> AbstractContextManager[dict[int, torch.Tensor]]:
-        """Context manager yielding `layer -> (B, heads, len(rows), keys)` filled by a forward pass.
+        """Context manager yielding a dict that a forward pass fills with `layer -> (B, heads, R, keys)`.
 
-        With `learned`, the rows come from its parallel W_Qd, W_Kd instead of the layer's own q/k.
+        The float32 attention probabilities of the query positions `rows`: None (all positions), a 1-D
+        LongTensor (R,) for every sample, or a 2-D (B, R) of each sample's own rows (padding entries may repeat a
+        row). Keys: the whole sequence for self-attention, the image keys for cross-attention. The rows keep the
+        autograd graph (also under non-reentrant gradient checkpointing) and the model keeps its kernel and its
+        exact outputs. With `learned`, the rows come from its parallel W_Qd, W_Kd instead of the layer's own
+        q/k (with a graph to them even under `torch.no_grad()` while `learned` is in training mode).
+
+        Raises `ValueError` for a layer that is not alignable, rows of another shape, a kernel whose mask cannot
+        be read (flash or flex attention), or a capture already active on the model.
         """
+        modules = {self.attention_module(layer): layer for layer in layers}
+        return capture_rows(modules, rows, learned, self.learned_query_key)
+
+    def learned_projections(self, layers: list[int]) -> LearnedProjections:
+        """Parallel W_Qd, W_Kd for `layers`: float32 copies of their q/k projections (the `learn` aggregation)."""
+        return LearnedProjections({i: self.attention_module(i) for i in layers})
 
     @abstractmethod
-    def learned_projections(self, layers: list[int]) -> LearnedProjections:
-        """Parallel W_Qd, W_Kd for `layers`, copied from their q/k projections (the `learn` aggregation)."""
+    def learned_query_key(self, attention: nn.Module, q_proj: nn.Module, k_proj: nn.Module, inputs: dict,
+                          rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`learn`: the queries at `rows` (B, H, R, D) and the keys (B, KVH, N, D) that the projections `q_proj`,
+        `k_proj` (copies of the layer's own, see `learned_projections`) give from the inputs of `attention`'s
+        forward (`inputs`: its arguments by name), through everything the layer applies between its
+        projections and its kernel (norms, rotary embedding), so that copies give the layer's own q and k."""
 
     def num_heads(self, layer: int) -> int:
         """Query heads of the attention aligned in `layer`."""
@@ -76,8 +109,12 @@ class VLMAdapter(ABC):
 
 class SelfAttentionAdapter(VLMAdapter):
     """A family whose image tokens sit in the text sequence, one run per image, row-major over its plane, and
-    are read through causal self-attention (LLaVA, Qwen2-VL): every decoder layer is alignable and the rows
-    come from its own q/k projections. A family says only how large each sample's plane is."""
+    are read through causal self-attention (LLaVA, Qwen2-VL, MiniCPM-V): every decoder layer is alignable by
+    default. A family says how large each sample's plane is, and for `learn` which rotary function its
+    attention applies (`rotary`, transformers' `apply_rotary_pos_emb` of its text model) and any per-head
+    norms before it (`query_key_norms`)."""
+
+    rotary: ClassVar[Callable]  # (q, k, cos, sin) -> rotated (q, k), each (B, heads, S, D)
 
     @abstractmethod
     def image_planes(self, batch: dict) -> list[tuple[int, int]]:
@@ -91,11 +128,19 @@ class SelfAttentionAdapter(VLMAdapter):
     def alignable_layers(self) -> list[int]:
         return list(range(self.model.config.text_config.num_hidden_layers))
 
-    def capture(self, layers, rows=None, learned=None):
-        return capture_self_attention_rows(self.model, layers, rows, learned)
+    def query_key_norms(self, attention: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The per-head norms applied to queries and keys before the rotary embedding (none by default)."""
+        return nn.Identity(), nn.Identity()
 
-    def learned_projections(self, layers):
-        return self_attention_projections(self.model, layers)
+    def learned_query_key(self, attention, q_proj, k_proj, inputs, rows):
+        hidden = inputs["hidden_states"].to(q_proj.weight.dtype)  # (B, S, C)
+        cos, sin = inputs["position_embeddings"]  # (B or 1, S, rotary dims), M-RoPE sections already mixed
+        q_norm, k_norm = self.query_key_norms(attention)
+        q = q_norm(split_heads(q_proj(take_rows(hidden, rows, 1)), attention.head_dim))  # (B, H, R, D)
+        k = k_norm(split_heads(k_proj(hidden), attention.head_dim))  # (B, KVH, S, D)
+        q, _ = self.rotary(q, q, take_rows(cos, rows, 1), take_rows(sin, rows, 1))
+        _, k = self.rotary(k, k, cos, sin)
+        return q, k
 
 
 def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:

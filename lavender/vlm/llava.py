@@ -7,17 +7,17 @@ token after the image attends to them through causal self-attention.
 Image frame: LLaVA-1.5's CLIP image processor resizes the shorter side and centre-crops a square, so the plane
 shows only the middle of a non-square image (`clip_view`); with `do_pad` (LLaVA's own image processor) it first
 pads the image to a square, and then the plane holds padding bands instead.
+
+Capture and `learn`: see `SelfAttentionAdapter`; the text model's rotary embedding is Llama's rotate-half
+`apply_rotary_pos_emb` (also that of the Mistral, Qwen2 and Vicuna backbones LLaVA checkpoints use).
 """
 
 from __future__ import annotations
 
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
 from lavender.data.frame import FULL, ImageView, intersect, relative
-from lavender.vlm.attention import (
-    capture_self_attention_rows,
-    image_key_positions,
-    keys_to_plane,
-    self_attention_projections,
-)
+from lavender.vlm.attention import image_key_positions, keys_to_plane
 from lavender.vlm.base import SelfAttentionAdapter, register_adapter
 
 
@@ -66,6 +66,7 @@ def clip_view(image_processor, image_size: tuple[int, int]) -> ImageView:
 class LlavaAdapter(SelfAttentionAdapter):
     family = "llava"
     model_types = ("llava",)
+    rotary = staticmethod(apply_rotary_pos_emb)
 
     def image_planes(self, batch: dict) -> list[tuple[int, int]]:
         grid = patch_grid(self.model)
@@ -76,13 +77,4 @@ class LlavaAdapter(SelfAttentionAdapter):
         return clip_view(processor.image_processor, image_size)
 
 
-learned_projections = self_attention_projections
-__all__ = [
-    "LlavaAdapter",
-    "capture_self_attention_rows",
-    "clip_view",
-    "image_key_positions",
-    "keys_to_plane",
-    "learned_projections",
-    "patch_grid",
-]
+__all__ = ["LlavaAdapter", "clip_view", "image_key_positions", "keys_to_plane", "patch_grid"]

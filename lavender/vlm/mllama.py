@@ -1,4 +1,4 @@
-"""Mllama (Llama 3.2 Vision): where its image keys sit, how they map onto the image, how to capture rows.
+"""Mllama (Llama 3.2 Vision): where its image keys sit and how they map onto the image.
 
 Keys of a cross-attention layer are laid out per image as `[tile][CLS, patches]`:
 `max_num_tiles` tiles of `1 + G*G` tokens each (G = image_size / patch_size), the CLS token first and the
@@ -8,16 +8,18 @@ given by `aspect_ratio_ids`; tiles beyond n_rows * n_cols are padding and masked
 Image frame: the processor shrinks (or grows) the image, keeping its aspect ratio, to fit that canvas of
 n_rows x n_cols tiles and pads the rest at the right and bottom; so the image fills the top-left of the canvas
 and the rest of the plane is padding (`image_view`).
+
+The captured rows are those of the cross-attention modules (`cross_attn`), under the additive cross-attention
+mask the model builds; `learn` runs its W_Qd over the text and its W_Kd over the image states, each through
+the layer's own `q_norm`/`k_norm` (no rotary embedding in cross-attention).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from lavender.data.frame import ImageView
-from lavender.vlm.attention import LearnedProjections, attention_rows, row_capture_hooks, text_decoder_layers
+from lavender.vlm.attention import split_heads, take_rows
 from lavender.vlm.base import VLMAdapter, register_adapter
 
 
@@ -69,63 +71,28 @@ def cross_attention_layers(model) -> list[int]:
     return list(model.config.text_config.cross_attention_layers)
 
 
-def learned_projections(model, layers: list[int]) -> LearnedProjections:
-    """Parallel W_Qd, W_Kd for the given cross-attention layers (the `learn` aggregation)."""
-    decoder = text_decoder_layers(model)
-    return LearnedProjections({i: decoder[i].cross_attn for i in layers})
-
-
-@contextmanager
 def capture_cross_attention_rows(model, layers: list[int] | None = None, rows: torch.Tensor | None = None,
-                                 learned: LearnedProjections | None = None):
-    """Record softmax attention rows of the given cross-attention layers during a forward pass.
-
-    Hooks read the layer's own normalised queries and keys (after `q_norm`/`k_norm`) and the additive mask
-    it is given, and compute `softmax(q k^T * scaling + mask)` for the query positions `rows` only (all
-    positions if None); the layer itself keeps its configured attention kernel. Yields a dict that fills with
-    `layer index -> (B, heads, len(rows), keys)`; it keeps the graph, so a loss on it trains q and k.
-    With `learned`, queries and keys come from its W_Qd, W_Kd (through the layer's own norms) instead.
-    """
-    layers = cross_attention_layers(model) if layers is None else layers
-    decoder = text_decoder_layers(model)
-    captured: dict[int, torch.Tensor] = {}
-
-    def compute(module, index: int, seen: dict) -> None:
-        if "k" not in seen:
-            return  # decoding from cached keys: nothing new to align
-        q, k, kwargs = seen["q"], seen["k"], seen["kwargs"]  # (B, H, S, D), (B, KVH, N, D)
-        mask = kwargs.get("attention_mask")
-        if learned is not None:
-            hidden, states = kwargs["hidden_states"], kwargs["cross_attention_states"]
-            b, s, _ = hidden.shape
-            layer = str(layers[index])
-            q = module.q_norm(learned.q[layer](hidden).view(b, s, -1, module.head_dim).transpose(1, 2))
-            k = learned.k[layer](states).view(b, -1, module.num_key_value_heads, module.head_dim)  # tiles flattened
-            k = module.k_norm(k.transpose(1, 2))
-        if rows is not None:
-            q = q[:, :, rows]
-            mask = None if mask is None else mask[:, :, rows]
-        mask = None if mask is None else mask[..., : k.shape[-2]]
-        captured[layers[index]] = attention_rows(q, k, module.scaling, module.num_key_value_groups, mask)
-
-    targets = [(decoder[i].cross_attn, decoder[i].cross_attn.q_norm, decoder[i].cross_attn.k_norm) for i in layers]
-    with row_capture_hooks(targets, compute, grad=learned is not None and learned.training):
-        yield captured
+                                 learned=None):
+    """`MllamaAdapter(model).capture(layers, rows, learned)`, all cross-attention layers by default."""
+    return MllamaAdapter(model).capture(cross_attention_layers(model) if layers is None else layers, rows, learned)
 
 
 @register_adapter
 class MllamaAdapter(VLMAdapter):
     family = "mllama"
     model_types = ("mllama",)
+    attention_name = "cross_attn"
 
     def alignable_layers(self) -> list[int]:
         return cross_attention_layers(self.model)
 
-    def capture(self, layers, rows=None, learned=None):
-        return capture_cross_attention_rows(self.model, layers, rows, learned)
-
-    def learned_projections(self, layers):
-        return learned_projections(self.model, layers)
+    def learned_query_key(self, attention, q_proj, k_proj, inputs, rows):
+        hidden = take_rows(inputs["hidden_states"], rows, 1).to(q_proj.weight.dtype)  # (B, R, C)
+        states = inputs["cross_attention_states"].to(k_proj.weight.dtype)  # (B * images * tiles, patches, C)
+        states = states.reshape(hidden.shape[0], -1, states.shape[-1])  # (B, N, C), as the layer flattens it
+        q = attention.q_norm(split_heads(q_proj(hidden), attention.head_dim))  # (B, H, R, D)
+        k = attention.k_norm(split_heads(k_proj(states), attention.head_dim))  # (B, KVH, N, D)
+        return q, k
 
     @classmethod
     def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:

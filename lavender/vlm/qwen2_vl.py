@@ -20,18 +20,16 @@ or cropping, so the plane is the whole image.
 
 Rotary embedding: in transformers 5 the model's rotary module already mixes the temporal, height and width
 sections into per-token `cos`/`sin` of shape (B, S, head_dim), and the attention applies the plain
-rotate-half function of its modeling module; the capture reuses that very function.
+rotate-half `apply_rotary_pos_emb` of its modeling module (the same in Qwen2.5-VL's); the capture sees the
+rotated q and k, and `learn` applies that function to its own.
 """
 
 from __future__ import annotations
 
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
 from lavender.data.frame import ImageView
-from lavender.vlm.attention import (
-    capture_self_attention_rows,
-    image_key_positions,
-    keys_to_plane,
-    self_attention_projections,
-)
+from lavender.vlm.attention import image_key_positions, keys_to_plane
 from lavender.vlm.base import SelfAttentionAdapter, register_adapter
 
 
@@ -57,6 +55,7 @@ def image_planes(batch: dict, merge: int) -> list[tuple[int, int]]:
 class Qwen2VLAdapter(SelfAttentionAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    rotary = staticmethod(apply_rotary_pos_emb)
 
     def image_planes(self, batch: dict) -> list[tuple[int, int]]:
         return image_planes(batch, self.model.config.vision_config.spatial_merge_size)
@@ -66,12 +65,4 @@ class Qwen2VLAdapter(SelfAttentionAdapter):
         return ImageView()  # the whole image on the whole plane
 
 
-learned_projections = self_attention_projections
-__all__ = [
-    "Qwen2VLAdapter",
-    "capture_self_attention_rows",
-    "image_key_positions",
-    "image_planes",
-    "keys_to_plane",
-    "learned_projections",
-]
+__all__ = ["Qwen2VLAdapter", "image_key_positions", "image_planes", "keys_to_plane"]
