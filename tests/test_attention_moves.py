@@ -1,9 +1,10 @@
 """Stage 2 moves the VLM's own attention toward the targets, not just the Aligner's output.
 
-The same tiny VLM, data and seed are trained twice for 40 steps, with lambda = 100 against an oracle store
-(the true word masks; a large lambda so that 40 steps show it) and with lambda = 0 (plain fine-tuning); then the VLM's raw attention for the aligned words (no Aligner)
-is compared with the masks. Only the aligned run's attention may come closer to them. This fails if the
-alignment gradient does not reach the VLM (a frozen VLM, a broken capture, a detached map).
+The same tiny VLM, data and seed are trained twice for 40 steps: with lambda = 100 against an oracle store (the
+true word masks; a large lambda so that 40 steps show it) and with lambda = 0 (plain fine-tuning). Then the
+VLM's raw attention for the aligned words (no Aligner) is compared with the masks. Only the aligned run's
+attention may come clearly closer to them. This fails if the alignment gradient does not reach the VLM (a
+frozen VLM, a broken capture, a detached map): both runs would then train the VLM identically.
 """
 
 from __future__ import annotations
