@@ -18,34 +18,33 @@ from lavender.world.oracle import write_oracle_store
 def test_flow_weights_rows_by_their_place_among_text_tokens():
     attention = torch.rand(3, 2, 2, 4, 4)  # layers, heads, rows, h, w
     weights = torch.tensor([0.25, 1.0])
-    heads = attention.mean(dim=1) * 16  # scaled so that uniform attention over the 4 x 4 keys is 1
-    torch.testing.assert_close(attention_flow(attention, weights, "sum"),
-                               heads.sum(0) * weights[:, None, None])
-    torch.testing.assert_close(attention_flow(attention, weights, "multi"),
-                               heads[0] * heads[1] * heads[2] * weights[:, None, None])
+    heads = attention.mean(dim=1)  # (layers, rows, h, w)
     both_rows = torch.tensor([[0.5, 0.5]])  # one word of two sub-word rows
+    summed = (heads.mean(0) * weights[:, None, None]).mean(0)  # rows scaled by r_t, then averaged; layer mean
+    torch.testing.assert_close(attention_flow(attention, both_rows, weights, "sum")[0], summed)
+    product = heads.prod(0) * weights[:, None, None]  # (rows, h, w)
+    multi = product.mean(0) / product.mean(0).sum()  # the paper's map, up to one factor per word
+    torch.testing.assert_close(attention_flow(attention, both_rows, weights, "multi")[0], multi)
     out = aggregate(attention, both_rows, "flow-sum", weights)
     assert out.shape == (1, 1, 1, 4, 4)
-    torch.testing.assert_close(out[0, 0, 0], (heads.sum(0) * weights[:, None, None]).mean(0))
-    # many layers of small probabilities: the product stays representable
-    deep = torch.full((32, 2, 1, 80, 80), 1 / 6400)
-    assert attention_flow(deep, torch.ones(1), "multi").min() == 1.0
+    torch.testing.assert_close(out[0, 0, 0], summed * 16)  # on the one scale: uniform attention is 1
 
 
 def test_words_average_their_rows_before_pooling():
     attention = torch.rand(3, 4, 3, 5, 5)  # layers, heads, rows, h, w
     mixing = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])  # word 0: row 0; word 1: rows 1 and 2
     word1 = attention[:, :, 1:].mean(dim=2)  # (layers, heads, h, w)
+    keys = 25  # every aggregation is multiplied by the number of image keys (uniform attention = 1)
     out = aggregate(attention, mixing, "mean-max")
     assert out.shape == (2, 1, 1, 5, 5)
-    torch.testing.assert_close(out[1, 0, 0], word1.amax(dim=1).mean(dim=0))
-    torch.testing.assert_close(out[0, 0, 0], attention[:, :, 0].amax(dim=1).mean(dim=0))
+    torch.testing.assert_close(out[1, 0, 0], word1.amax(dim=1).mean(dim=0) * keys)
+    torch.testing.assert_close(out[0, 0, 0], attention[:, :, 0].amax(dim=1).mean(dim=0) * keys)
     per_layer = aggregate(attention, mixing, "per-layer")
     assert per_layer.shape == (2, 3, 1, 5, 5)
-    torch.testing.assert_close(per_layer[1, :, 0], word1.mean(dim=1))
+    torch.testing.assert_close(per_layer[1, :, 0], word1.mean(dim=1) * keys)
     heads = aggregate(attention, mixing, "heads")
     assert heads.shape == (2, 1, 4, 5, 5)
-    torch.testing.assert_close(heads[1, 0], word1.mean(dim=0))
+    torch.testing.assert_close(heads[1, 0], word1.mean(dim=0) * keys)
     with pytest.raises(ValueError, match="r_t"):
         aggregate(attention, mixing, "flow-sum")
 
@@ -125,5 +124,44 @@ def test_attention_is_cut_to_the_samples_plane_box(setup):
     plane = alignment.adapter.to_image(captured[1], batch.inputs)  # per sample (heads, rows, 4, 4)
     first = order[0]
     b, rows = int(batch.word_sample[first]), batch.words[first].rows
-    word = torch.stack([plane[b][:, alignment._rows[r]] for r in rows]).mean(0).mean(0).float()  # (4, 4)
+    word = torch.stack([plane[b][:, alignment.row_index[b][r]] for r in rows]).mean(0).mean(0).float()  # (4, 4)
+    word = word * 16  # aggregations multiply by the plane's 4 x 4 keys (uniform attention = 1)
     torch.testing.assert_close(cut[0, 0, 0], resample(word, (0.0, 0.0, 0.5, 1.0), 16))
+
+
+def test_learn_defaults_to_a_fifth_of_the_layers_spread_evenly():
+    """W_Qd/W_Kd copy q and k: on every layer of LLaVA-7B (32 layers) that would be about 1.07B extra parameters."""
+    from types import SimpleNamespace
+
+    from lavender.train.objective import default_layers
+
+    def adapter(total: int, alignable: list[int]):
+        config = SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=total))
+        return SimpleNamespace(model=SimpleNamespace(config=config), alignable_layers=lambda: alignable)
+
+    assert default_layers(adapter(32, list(range(32))), "learn") == [2, 8, 13, 18, 24, 29]
+    assert default_layers(adapter(32, list(range(32))), "heads") == list(range(32))
+    assert default_layers(adapter(2, [0, 1]), "learn") == [1]
+    cross = [3, 8, 13, 18, 23, 28, 33, 38]  # Llama 3.2 11B Vision: 8 cross-attention layers of 40, all of them
+    assert default_layers(adapter(40, cross), "learn") == cross
+    hybrid = [3, 7, 11, 15, 19, 23]  # a hybrid of 24 layers, every fourth with softmax attention: 5 of its 6
+    assert default_layers(adapter(24, hybrid), "learn") == [3, 7, 15, 19, 23]
+
+
+def test_learned_projections_get_their_own_learning_rate(setup):
+    from transformers import AutoModelForImageTextToText
+
+    from lavender.train.config import TrainConfig
+    from lavender.train.trainer import parameter_groups, select_parameters
+
+    model_dir, _ = setup
+    cfg = TrainConfig(aggregation="learn", lr=1e-4, aligner_lr=1e-3, learn_lr=3e-5, aligner_pretrain_steps=5)
+    model = select_parameters(AutoModelForImageTextToText.from_pretrained(model_dir), cfg)
+    objective = build_objective(model, True, (), "learn", AlignerConfig(resolution=16))
+    groups = {g["name"]: g for g in parameter_groups(objective, cfg)}
+    assert {n: (g["lr"], g["start"]) for n, g in groups.items()} == {
+        "vlm": (1e-4, 5), "aligner": (1e-3, 0), "learn": (3e-5, 0)}
+    learned = {id(p) for p in objective.alignment.learned.parameters()}
+    assert {id(p) for p in groups["learn"]["params"]} == learned
+    assert not learned & {id(p) for p in groups["aligner"]["params"]}
+    assert objective.alignment.layers == [1]  # one of the tiny model's two layers

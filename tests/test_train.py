@@ -113,7 +113,7 @@ def test_outputs_load_with_plain_transformers_and_peft_and_merge(llava_dir, tiny
 
     final = train(_cfg(llava_dir, tiny_world, oracle, tmp_path / "run", steps=3))
     assert (final / "aligner" / "model.safetensors").exists()
-    assert json.loads((final / "aligner" / "config.json").read_text())["aggregation"] == "heads"
+    assert json.loads((final / "aligner" / "alignment_config.json").read_text())["aggregation"] == "heads"
     base = AutoModelForImageTextToText.from_pretrained(llava_dir)
     tuned = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(llava_dir), final).eval()
     processor = AutoProcessor.from_pretrained(final)
@@ -131,7 +131,7 @@ def test_outputs_load_with_plain_transformers_and_peft_and_merge(llava_dir, tiny
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, after, rtol=1e-4, atol=1e-5)
-    assert (merged_dir / "aligner" / "config.json").exists()
+    assert (merged_dir / "aligner" / "alignment_config.json").exists()
 
 
 def test_aligner_pretraining_leaves_the_vlm_alone(llava_dir, tiny_world, oracle, tmp_path):
@@ -143,7 +143,7 @@ def test_aligner_pretraining_leaves_the_vlm_alone(llava_dir, tiny_world, oracle,
     assert lora_b and all(t.abs().sum() == 0 for t in lora_b)  # LoRA B starts at zero and was never stepped
     base = AutoModelForImageTextToText.from_pretrained(llava_dir).model.language_model.layers
     learned = load_file(final / "aligner" / "model.safetensors")
-    assert not torch.equal(learned["learned.q.0.weight"], base[0].self_attn.q_proj.weight)  # W_Qd did learn
+    assert not torch.equal(learned["learned.q.1.weight"], base[1].self_attn.q_proj.weight)  # W_Qd did learn
     final = train(_cfg(llava_dir, tiny_world, oracle, tmp_path / "joint", steps=2))
     lora_b = [t for k, t in load_file(final / "adapter_model.safetensors").items() if "lora_B" in k]
     assert any(t.abs().sum() > 0 for t in lora_b)

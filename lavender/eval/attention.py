@@ -9,7 +9,7 @@ image (frame "full"): the part the VLM sees is drawn where it lies, and the rest
 
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lavender.align.aligner import AlignerConfig
+from lavender.align.config import ALIGNER_DIR, WEIGHTS_NAME, AlignmentConfig, load_alignment_config
 from lavender.data.frame import FULL, resample
 from lavender.data.targets import TargetsWriter, write_index, write_store_info
 from lavender.train.data import Collator, StageTwoDataset
@@ -27,6 +28,8 @@ from lavender.train.objective import AttentionAlignment
 from lavender.train.trainer import load_vlm
 from lavender.utils.maps import min_max
 from lavender.vlm.base import adapter_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,31 +40,28 @@ class AttentionMapsConfig:
     data: str = field(default="", metadata={"help": "the samples (any format `lavender train` reads)"})
     targets: str = field(default="", metadata={"help": "a targets store naming the words (and text) per sample"})
     out: str = field(default="", metadata={"help": "the new store of the VLM's maps"})
-    aligner: bool = field(default=False, metadata={"help": "maps through the trained Aligner instead of raw"})
+    aligner: bool = field(default=False, metadata={
+        "help": "maps through the trained Aligner instead of raw, with the layers and aggregation it was trained on "
+                "(from the adapter's aligner/alignment_config.json)"})
     aggregation: str = field(default="mean-mean", metadata={"help": "raw maps: aggregation over layers/heads"})
-    layers: tuple[int, ...] = field(default=(), metadata={"help": "layers (default: all alignable)"})
+    layers: tuple[int, ...] = field(default=(), metadata={"help": "raw maps: layers (default: all alignable)"})
     batch_size: int = field(default=8, metadata={"help": "samples per forward"})
     limit: int = field(default=0, metadata={"help": "at most this many samples (0: all)"})
     image_root: str = field(default="", metadata={"help": "directory image paths are relative to"})
-    instruction: str = field(default="Describe the image.", metadata={"help": "user turn of caption samples"})
+    instruction: str = field(default="Describe the image.", metadata={
+        "help": "user turn of caption samples (an --adapter trained with an Aligner uses its own)"})
 
 
-def training_settings(adapter: str) -> dict:
-    """The `lavender train` settings saved with its output, if any."""
-    path = Path(adapter) / "lavender_train.json" if adapter else None
-    return json.loads(path.read_text()) if path is not None and path.exists() else {}
-
-
-def _alignment(model, cfg: AttentionMapsConfig, resolution: int) -> AttentionAlignment:
+def _alignment(model, cfg: AttentionMapsConfig, resolution: int, trained: AlignmentConfig | None
+               ) -> AttentionAlignment:
+    """Through the trained Aligner (`--aligner`): the alignment its saved config describes, with its weights.
+    Raw maps: `--aggregation` over `--layers`."""
     adapter = adapter_for(model)
-    aligner_dir = Path(cfg.adapter) / "aligner" if cfg.adapter else None
     if cfg.aligner:
-        if aligner_dir is None or not (aligner_dir / "config.json").exists():
+        if trained is None:
             raise FileNotFoundError("--aligner needs an --adapter directory holding aligner/ from `lavender train`")
-        saved = json.loads((aligner_dir / "config.json").read_text())
-        alignment = AttentionAlignment(adapter, saved["layers"], saved["aggregation"],
-                                       AlignerConfig(**saved["aligner"]))
-        alignment.load_state_dict(load_file(str(aligner_dir / "model.safetensors")))
+        alignment = AttentionAlignment.from_config(adapter, trained)
+        alignment.load_state_dict(load_file(str(Path(cfg.adapter) / ALIGNER_DIR / WEIGHTS_NAME)))
         return alignment
     layers = list(cfg.layers) or adapter.alignable_layers()
     return AttentionAlignment(adapter, layers, cfg.aggregation, AlignerConfig(resolution=resolution))
@@ -75,13 +75,17 @@ def write_attention_store(cfg: AttentionMapsConfig) -> Path:
     model, processor = load_trained(cfg.adapter, cfg.model) if cfg.adapter else load_vlm(cfg.model)
     model.eval()
     adapter = adapter_for(model)
-    trained = training_settings(cfg.adapter)  # rows chosen as in training
+    trained = load_alignment_config(cfg.adapter) if cfg.adapter else None  # rows chosen as in training
+    rows = {"instruction": cfg.instruction}
+    if trained is not None:
+        rows = {"instruction": trained.instruction, "match": trained.match, "position": trained.position}
     data = StageTwoDataset.from_paths(
         cfg.data, processor, adapter.image_token_id, cfg.targets, cfg.image_root, cfg.limit, max_length=4096,
-        view=type(adapter).image_view,
-        instruction=trained.get("instruction", cfg.instruction), match=trained.get("match", "exact"),
-        position=trained.get("align_position", "input"))
-    alignment = _alignment(model, cfg, data.targets.resolution).eval()
+        view=type(adapter).image_view, **rows)
+    if trained is not None and data.text_source != trained.text:
+        log.warning("%s holds maps of the %s, but %s was trained on maps of the %s", cfg.targets, data.text_source,
+                    cfg.adapter, trained.text)
+    alignment = _alignment(model, cfg, data.targets.resolution, trained).eval()
     loader = DataLoader(data, batch_size=cfg.batch_size, collate_fn=Collator.for_processor(processor))
     writer = TargetsWriter(cfg.out, prefix="vlm")
     for batch in tqdm(loader, desc="VLM attention", unit="batch"):

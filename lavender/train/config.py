@@ -10,6 +10,8 @@ from lavender.align.words import MATCH_MODES, POSITIONS
 
 SCHEDULES = ("cosine", "linear", "constant", "step")
 PRECISIONS = ("no", "fp16", "bf16")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+AUTOCAST = {"bfloat16": "bf16", "float16": "fp16"}  # the --mixed-precision a --dtype needs
 
 
 @dataclass
@@ -31,7 +33,8 @@ class TrainConfig:
     aggregation: str = field(default="heads", metadata={
         "help": "|".join(AGGREGATIONS) + " (heads: every head an Aligner input channel, as in the authors' release)"})
     layers: tuple[int, ...] = field(default=(), metadata={
-        "help": "decoder layers to align (default: every alignable layer of the family)"})
+        "help": "decoder layers to align (default: every alignable layer of the family; with --aggregation learn, "
+                "a fifth of the decoder's layers spread evenly over them, as in the paper)"})
     match: str = field(default="exact", metadata={"help": "word matching: exact|root"})
     align_position: str = field(default="input", metadata={
         "help": "input: a word's own token rows; predict: the rows of the tokens that predict it"})
@@ -54,14 +57,21 @@ class TrainConfig:
     batch_size: int = field(default=4, metadata={"help": "samples per process per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate of the VLM's parameters"})
-    aligner_lr: float = field(default=1e-3, metadata={"help": "learning rate of the Aligner (and W_Qd/W_Kd)"})
+    aligner_lr: float = field(default=1e-3, metadata={"help": "peak learning rate of the Aligner"})
+    learn_lr: float = field(default=1e-4, metadata={
+        "help": "peak learning rate of W_Qd/W_Kd (--aggregation learn): copies of pretrained projections"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     schedule: str = field(default="cosine", metadata={"help": "|".join(SCHEDULES)})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
     step_every: int = field(default=0, metadata={"help": "step schedule: decay every N steps (0: steps // 3)"})
     step_gamma: float = field(default=0.1, metadata={"help": "step schedule: decay factor"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no|fp16|bf16"})
+    mixed_precision: str = field(default="no", metadata={
+        "help": "no|fp16|bf16: autocast (fp16 with loss scaling; a step whose gradients overflow is skipped)"})
+    dtype: str = field(default="float32", metadata={
+        "help": "|".join(DTYPES) + ": the dtype the model's frozen weights are loaded in (auto: the checkpoint's). "
+                "Trainable parameters (LoRA, unfrozen modules, the Aligner, W_Qd/W_Kd) are always float32. "
+                "bfloat16 needs --mixed-precision bf16, float16 needs fp16"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation and data order"})
     # bookkeeping
@@ -78,7 +88,7 @@ class TrainConfig:
         self.layers = tuple(int(i) for i in self.layers)
         checks = [(self.aggregation, AGGREGATIONS, "--aggregation"), (self.match, MATCH_MODES, "--match"),
                   (self.align_position, POSITIONS, "--align-position"), (self.schedule, SCHEDULES, "--schedule"),
-                  (self.mixed_precision, PRECISIONS, "--mixed-precision")]
+                  (self.mixed_precision, PRECISIONS, "--mixed-precision"), (self.dtype, DTYPES, "--dtype")]
         for value, allowed, flag in checks:
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {allowed}, got {value!r}")
@@ -88,6 +98,9 @@ class TrainConfig:
             raise ValueError("--keep-checkpoints must be at least 1")
         if self.lam < 0 or self.aligner_pretrain_steps < 0:
             raise ValueError("--lam and --aligner-pretrain-steps must not be negative")
+        if self.dtype in AUTOCAST and self.mixed_precision != AUTOCAST[self.dtype]:
+            raise ValueError(f"--dtype {self.dtype} keeps frozen weights in {self.dtype} and trainable ones in "
+                             f"float32, which only autocast can mix: add --mixed-precision {AUTOCAST[self.dtype]}")
         self.aligner(1)  # validates the Aligner fields early
 
     @property

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from lavender.align.config import ALIGNER_DIR, WEIGHTS_NAME, load_alignment_config
+
 
 def load_trained(path: str | Path, base: str = ""):
     """Model and processor of a `lavender train` output: a full model loads as it is; a peft adapter is merged
@@ -26,17 +28,20 @@ def load_trained(path: str | Path, base: str = ""):
 
 def merge_adapter(adapter: str | Path, out: str | Path, base: str = "") -> Path:
     """Merge a LoRA adapter into its base model (`base`, or the one the adapter records) and save model and
-    processor to `out`; the Aligner, if any, is copied beside them."""
+    processor to `out`. The Aligner, if any, goes beside them as `lavender train` writes it (`aligner/`, its
+    weights and `alignment_config.json`; an older output's `aligner/config.json` is converted)."""
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter} is not a peft adapter directory (no adapter_config.json)")
+    alignment = load_alignment_config(adapter)  # read first: a malformed config stops before the merge
     merged, processor = load_trained(adapter, base)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    if (adapter / "aligner").is_dir():
-        shutil.copytree(adapter / "aligner", tmp / "aligner")
+    if alignment is not None:
+        alignment.save_pretrained(tmp / ALIGNER_DIR)
+        shutil.copy2(adapter / ALIGNER_DIR / WEIGHTS_NAME, tmp / ALIGNER_DIR / WEIGHTS_NAME)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

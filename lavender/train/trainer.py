@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -29,9 +30,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lavender.align.config import ALIGNER_DIR, WEIGHTS_NAME, AlignmentConfig
 from lavender.data.samples import Sample
 from lavender.data.targets import FAILURES_FILE, AttentionTargets
-from lavender.train.config import TrainConfig
+from lavender.train.config import AUTOCAST, TrainConfig
 from lavender.train.data import (
     EVENTS,
     Batch,
@@ -55,9 +57,9 @@ log = logging.getLogger(__name__)
 VISION_MODULES = ("vision_model", "vision_tower", "visual")
 PROJECTOR_MODULES = ("multi_modal_projector", "merger")
 TRAINABLE_FILE = "trainable.safetensors"
-ALIGNER_DIR = "aligner"
 COVERAGE_PROBE = 32  # samples with targets encoded before training to see that their words are found
 LOW_COVERAGE = 0.5  # below this share of samples with targets, or of their words matched, warn
+MAX_SKIPPED_IN_A_ROW = 20  # fp16 steps skipped for overflowing gradients, one after another, before the run stops
 
 
 class TrainingError(ValueError):
@@ -74,14 +76,17 @@ class Progress:
 
     def __init__(self) -> None:
         self.step, self.epoch, self.batch = 0, 0, 0
+        self.skipped, self.skipped_in_a_row = 0, 0  # optimizer steps the fp16 loss scaler skipped
         self.events: Counter = Counter()
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "events": dict(self.events)}
+        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "events": dict(self.events),
+                "skipped": self.skipped, "skipped_in_a_row": self.skipped_in_a_row}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
         self.events = Counter(state.get("events", {}))
+        self.skipped, self.skipped_in_a_row = state.get("skipped", 0), state.get("skipped_in_a_row", 0)
 
 
 def load_vlm(name: str):
@@ -89,10 +94,38 @@ def load_vlm(name: str):
     return load_model(name), load_processor(name)
 
 
-def load_model(name: str):
+def load_model(name: str, dtype: str = "auto"):
+    """The model of `name` with its weights in `dtype` (`auto`: the checkpoint's, transformers 5's default)."""
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(name)
+    return AutoModelForImageTextToText.from_pretrained(name, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+
+
+def check_trainable_family(name: str) -> None:
+    """Refuse, before any work, a family whose training inputs are known to be wrong.
+
+    MiniCPM-V (4.6, 4.7, OCR) has a VLM adapter, so its attention can be captured and evaluated, but its
+    collation and image-marker offsets are not right yet: labels and word rows would shift silently."""
+    from transformers import AutoConfig
+
+    from lavender.vlm.minicpmv import MiniCPMVAdapter
+
+    model_type = getattr(AutoConfig.from_pretrained(name), "model_type", None)
+    if model_type in MiniCPMVAdapter.model_types:
+        raise ValueError(f"{name}: `lavender train` does not support MiniCPM-V ({model_type}) yet: its collation "
+                         "and image-marker offsets are not right, so labels and aligned word rows would be shifted "
+                         "silently. Its attention can still be read (`lavender eval attention`).")
+
+
+def keep_trainable_in_float32(model: nn.Module) -> int:
+    """Cast every trainable floating-point parameter to float32 in place (AdamW and loss scaling need float32
+    master weights); frozen ones keep the dtype they were loaded in. Returns how many were cast."""
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast += 1
+    return cast
 
 
 def load_processor(name: str, chat_template: str = ""):
@@ -194,13 +227,20 @@ def select_parameters(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return model
 
 
-def lr_lambda(cfg: TrainConfig):
-    every = cfg.step_every or max(cfg.steps // 3, 1)
+def lr_lambda(cfg: TrainConfig, start: int = 0):
+    """The learning-rate factor of a parameter group that starts training at step `start`: 0 before it, then
+    `--warmup-steps` of linear warm-up and the `--schedule` decay over the group's own remaining steps. The
+    VLM starts after `--aligner-pretrain-steps`, so Aligner pretraining does not eat into its schedule."""
+    total = max(cfg.steps - start, 1)
+    every = cfg.step_every or max(total // 3, 1)
 
     def factor(step: int) -> float:
+        step -= start
+        if step < 0:
+            return 0.0
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+        progress = (step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
         if cfg.schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if cfg.schedule == "linear":
@@ -210,6 +250,23 @@ def lr_lambda(cfg: TrainConfig):
         return 1.0
 
     return factor
+
+
+def parameter_groups(objective: LavenderObjective, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups, each with its peak rate and the step its schedule starts: the VLM's trainable parameters
+    (`--lr`, from the end of Aligner pretraining), the Aligner (`--aligner-lr`, from step 0) and, with the
+    `learn` aggregation, W_Qd/W_Kd (`--learn-lr`, from step 0)."""
+    groups = [{"name": "vlm", "params": [p for p in objective.vlm.parameters() if p.requires_grad], "lr": cfg.lr,
+               "start": cfg.aligner_pretrain_steps}]
+    alignment = objective.alignment
+    if alignment is not None:
+        learned = {id(p) for p in alignment.learned.parameters()} if alignment.learned is not None else set()
+        groups.append({"name": "aligner", "params": [p for p in alignment.parameters() if id(p) not in learned],
+                       "lr": cfg.aligner_lr, "start": 0})
+        if learned:
+            groups.append({"name": "learn", "params": list(alignment.learned.parameters()), "lr": cfg.learn_lr,
+                           "start": 0})
+    return groups
 
 
 def _trainable_state(objective: nn.Module) -> dict[str, torch.Tensor]:
@@ -228,12 +285,24 @@ def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def alignment_config(objective: LavenderObjective, cfg: TrainConfig, dataset: StageTwoDataset) -> AlignmentConfig:
+    """The `AlignmentConfig` of a run: its alignment as built (layers resolved, the Aligner's input channels),
+    how words were matched and the targets store it was trained against."""
+    alignment = objective.alignment
+    targets = dataset.targets
+    return AlignmentConfig(aggregation=alignment.aggregation, layers=tuple(alignment.layers),
+                           aligner=alignment.aligner.cfg, match=cfg.match, position=cfg.align_position, lam=cfg.lam,
+                           text=dataset.text_source, frame=targets.frame if targets is not None else "full",
+                           instruction=cfg.instruction)
+
+
 def save_final(objective: LavenderObjective, processor, out: Path, cfg: TrainConfig,
-               state: dict[str, torch.Tensor] | None = None) -> Path:
-    """The fine-tuned VLM (a peft adapter or a full model) with its processor, and the Aligner beside it.
+               state: dict[str, torch.Tensor] | None = None, alignment: AlignmentConfig | None = None) -> Path:
+    """The fine-tuned VLM (a peft adapter or a full model) with its processor, and the Aligner beside it in
+    `aligner/` (`model.safetensors` and `alignment_config.json`, see `lavender.align.config`).
 
     `state` is the full state dict gathered from a sharded run (FSDP, DeepSpeed); otherwise the modules'
-    own parameters are saved."""
+    own parameters are saved. `lavender_train.json` records every training setting, for people."""
     final, tmp = out / "final", out / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if state is None:
@@ -242,12 +311,11 @@ def save_final(objective: LavenderObjective, processor, out: Path, cfg: TrainCon
         objective.vlm.save_pretrained(tmp, state_dict=_part(state, "vlm."))
     processor.save_pretrained(tmp)
     if objective.alignment is not None:
-        (tmp / ALIGNER_DIR).mkdir()
+        if alignment is None:
+            raise ValueError("an output with an Aligner needs its AlignmentConfig")
         aligner_state = objective.alignment.state_dict() if state is None else _part(state, "alignment.")
-        save_file({k: v.contiguous() for k, v in aligner_state.items()}, str(tmp / ALIGNER_DIR / "model.safetensors"))
-        settings = {"aggregation": cfg.aggregation, "layers": objective.alignment.layers,
-                    "aligner": objective.alignment.aligner.cfg.__dict__}
-        (tmp / ALIGNER_DIR / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        alignment.save_pretrained(tmp / ALIGNER_DIR)
+        save_file({k: v.contiguous() for k, v in aligner_state.items()}, str(tmp / ALIGNER_DIR / WEIGHTS_NAME))
     (tmp / "lavender_train.json").write_text(json.dumps(cfg.__dict__, indent=2, default=list) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -263,6 +331,13 @@ class Trainer:
             raise ValueError("--model, --data and --out are required")
         if cfg.aligner_pretrain_steps and not cfg.aligns:
             raise ValueError("--aligner-pretrain-steps needs --targets and --lam > 0")
+        check_trainable_family(cfg.model)
+        if not torch.cuda.is_available() and "fp16" in (cfg.mixed_precision, AUTOCAST.get(cfg.dtype)):
+            if cfg.dtype == "float16":
+                raise ValueError("--dtype float16 needs fp16 autocast, which accelerate does not apply on CPU; "
+                                 "use --dtype bfloat16 --mixed-precision bf16")
+            log.warning("accelerate applies neither fp16 autocast nor loss scaling on CPU: this run computes in "
+                        "float32 (use --mixed-precision bf16 for autocast on CPU)")
         self.cfg, self.out = cfg, Path(cfg.out)
         trackers = [t for t in cfg.report_to.split(",") if t and t != "none"]
         from accelerate.state import AcceleratorState
@@ -288,7 +363,7 @@ class Trainer:
             raise NoSamplesError(cfg.data, refused)
         check_chat_template(self.processor, cfg.model, samples[0], cfg.instruction)
         store = AttentionTargets(cfg.targets) if cfg.aligns else None
-        model = load_model(cfg.model)
+        model = load_model(cfg.model, cfg.dtype)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         family = adapter_for(model)
@@ -300,12 +375,14 @@ class Trainer:
         resolution = self.dataset.targets.resolution if self.dataset.targets is not None else 32
         model = select_parameters(model, cfg)
         objective = build_objective(model, cfg.aligns, cfg.layers, cfg.aggregation, cfg.aligner(1, resolution))
-        groups = [{"params": [p for p in objective.vlm.parameters() if p.requires_grad], "lr": cfg.lr}]
-        if objective.alignment is not None:
-            groups.append({"params": list(objective.alignment.parameters()), "lr": cfg.aligner_lr})
+        keep_trainable_in_float32(objective)
+        self._check_dtypes(objective)
+        self.alignment_config = (alignment_config(objective, cfg, self.dataset) if objective.alignment is not None
+                                 else None)
+        groups = parameter_groups(objective, cfg)
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         # not prepared: accelerate would step it once per process
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_lambda(cfg, g["start"]) for g in groups])
         loader = DataLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
                             collate_fn=Collator.for_processor(self.processor),
                             drop_last=len(self.dataset) >= cfg.batch_size,
@@ -320,6 +397,16 @@ class Trainer:
         self.accelerator.register_load_state_pre_hook(self._load_trainable)
 
     # -- checks before training ---------------------------------------------------------------------------
+    def _check_dtypes(self, objective: LavenderObjective) -> None:
+        """Frozen weights of another dtype than the float32 trainable ones need autocast (`--dtype auto` may load
+        a bf16 checkpoint as it is)."""
+        frozen = {p.dtype for p in objective.parameters() if not p.requires_grad and p.is_floating_point()}
+        if frozen - {torch.float32} and self.cfg.mixed_precision == "no":
+            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in frozen - {torch.float32}))
+            raise ValueError(f"{self.cfg.model} loaded with weights in {names} (--dtype {self.cfg.dtype}) while "
+                             "trainable parameters are float32, which only autocast can mix: add --mixed-precision "
+                             "bf16 (or fp16), or load with --dtype float32")
+
     def _report_refused(self, refused: list[Refusal]) -> None:
         """Log the refused records per reason and list them in `<out>/failures.jsonl` (main process)."""
         if not self.accelerator.is_main_process:
@@ -412,39 +499,88 @@ class Trainer:
         where = self.save_checkpoint(f"checkpoint-{self.progress.step}-last-good")
         raise TrainingError(f"{what}; stopped. Last good state: {where}")
 
+    def _stop_after_update(self, what: str) -> None:
+        """Stop when the bad step's update is already applied (DeepSpeed steps inside `backward`): the state saved
+        now is named for what it is, and the last good state is the latest regular checkpoint, if any."""
+        earlier = _checkpoints(self.out / "checkpoints")
+        where = self.save_checkpoint(f"checkpoint-{self.progress.step + 1}-after-non-finite-update")
+        good = str(earlier[-1]) if earlier else "none saved (set --save-every)"
+        raise TrainingError(f"{what}; stopped. DeepSpeed applied this step's update before its gradient norm could be "
+                            f"read, so {where} holds the state after it (for inspection, not for resuming). Last good "
+                            f"state: {good}")
+
+    @property
+    def _deepspeed(self) -> bool:
+        return self.accelerator.distributed_type.value == "DEEPSPEED"
+
+    def _skipped(self) -> None:
+        """Count a step the fp16 loss scaler skipped (its gradients overflowed, so it lowered the scale); stop once
+        too many come in a row, since then the loss scale cannot recover."""
+        self.progress.skipped += 1
+        self.progress.skipped_in_a_row += 1
+        scaler = self.accelerator.scaler
+        log.info("step %d skipped: its fp16 gradients overflowed%s", self.progress.step + 1,
+                 f" (loss scale now {scaler.get_scale():g})" if scaler is not None else "")
+        if self.progress.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            self._stop(f"{self.progress.skipped_in_a_row} steps in a row up to step {self.progress.step + 1} had "
+                       "overflowing fp16 gradients (each skipped by the loss scaler)")
+
     def train_step(self, micro: list[Batch]) -> dict[str, float]:
+        """One optimizer step over `micro`'s micro-batches.
+
+        Nothing is stepped before the checks that can run before it: the loss is checked before the last
+        micro-batch's backward (under DeepSpeed, that backward also steps the optimizer), the gradient norm
+        before `optimizer.step()`. Under fp16 loss scaling a non-finite gradient norm is the scaler's signal
+        to skip the step and lower the scale, so the step is skipped and counted, not fatal."""
         cfg, acc = self.cfg, self.accelerator
         train_vlm = self.progress.step >= cfg.aligner_pretrain_steps
         tokens, words = self._global([sum(b.label_tokens for b in micro), sum(len(b.words) for b in micro)])
         world = acc.num_processes
         lm_total, att_total = 0.0, 0.0
         for i, batch in enumerate(micro):
-            sync = acc.no_sync(self.objective) if i < len(micro) - 1 else nullcontext()
-            with sync:
+            last = i == len(micro) - 1
+            with nullcontext() if last else acc.no_sync(self.objective):
                 out = self.objective(batch, train_vlm=train_vlm)
                 loss = out["lm_sum"] * 0.0
                 if train_vlm:
                     loss = loss + out["lm_sum"] * (world / max(tokens, 1))
                 if "att_sum" in out:
                     loss = loss + cfg.lam * out["att_sum"] * (world / max(words, 1))
+                lm_total += float(out["lm_sum"].detach())
+                att_total += float(out.get("att_sum", torch.zeros(())).detach())
+                if last:  # one reduction serves the logs and the check: a NaN or Inf anywhere makes the sums so
+                    lm_sum, att_sum = self._global([lm_total, att_total])
+                    if not math.isfinite(lm_sum + att_sum):
+                        self._stop(f"non-finite loss at step {self.progress.step + 1} (L_VLM sum {lm_sum}, "
+                                   f"L_att sum {att_sum})")
                 acc.backward(loss)
-            lm_total += float(out["lm_sum"].detach())
-            att_total += float(out.get("att_sum", torch.zeros(())).detach())
-        # one reduction serves the logs and the check: a NaN or Inf anywhere makes the global sums non-finite
-        lm_sum, att_sum = self._global([lm_total, att_total])
-        if not math.isfinite(lm_sum + att_sum):
-            self._stop(f"non-finite loss at step {self.progress.step + 1} (L_VLM sum {lm_sum}, L_att sum {att_sum})")
-        lr = self.scheduler.get_last_lr()[0]
-        if cfg.max_grad_norm > 0:
-            norm = float(acc.clip_grad_norm_(self.objective.parameters(), cfg.max_grad_norm))
-            if not math.isfinite(norm):
-                self._stop(f"non-finite gradient norm at step {self.progress.step + 1}")
-        self.optimizer.step()
-        self.scheduler.step()
+        lrs = {g["name"]: g["lr"] for g in self.scheduler.optimizer.param_groups}
+        norm = None
+        if cfg.max_grad_norm > 0:  # under DeepSpeed: the norm of the step the engine has just applied, or None
+            norm = acc.clip_grad_norm_(self.objective.parameters(), cfg.max_grad_norm)
+            norm = None if norm is None else float(norm)
+        bad_norm = norm is not None and not math.isfinite(norm)
+        if bad_norm and acc.scaler is None and not self._deepspeed:
+            self._stop(f"non-finite gradient norm at step {self.progress.step + 1}")
+        self.optimizer.step()  # under DeepSpeed a no-op: `backward` stepped
+        skipped = self.optimizer.step_was_skipped  # fp16 loss scaling (torch's GradScaler or DeepSpeed's own)
+        if skipped:
+            self._skipped()
+        elif bad_norm:
+            self._stop_after_update(f"non-finite gradient norm at step {self.progress.step + 1}")
+        else:
+            self.progress.skipped_in_a_row = 0
+        with warnings.catch_warnings():  # the schedule follows the steps, skipped ones too (torch warns if the
+            if skipped:                  # first optimizer step was skipped)
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = {"L_VLM": lm_sum / max(tokens, 1), "lr": lr}
+        metrics = {"L_VLM": lm_sum / max(tokens, 1), "lr": lrs["vlm"]}
         if cfg.aligns:
-            metrics |= {"L_att": att_sum / max(words, 1), "matched_words": words}
+            metrics |= {"L_att": att_sum / max(words, 1), "matched_words": words, "lr_aligner": lrs["aligner"]}
+            metrics |= {"lr_learn": lrs["learn"]} if "learn" in lrs else {}
+        if self.progress.skipped:
+            metrics["skipped_steps"] = self.progress.skipped
         return metrics
 
     def _log(self, metrics: dict, micro: list[Batch]) -> None:
@@ -486,7 +622,8 @@ class Trainer:
         sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
         state = acc.get_state_dict(self.objective) if sharded else None  # collective when sharded
         if acc.is_main_process:
-            final = save_final(acc.unwrap_model(self.objective), self.processor, self.out, cfg, state)
+            final = save_final(acc.unwrap_model(self.objective), self.processor, self.out, cfg, state,
+                               self.alignment_config)
             skipped = {k: v for k, v in self.progress.events.items() if v}
             if skipped:
                 log.warning("skipped or adjusted during training: %s", skipped)
