@@ -28,10 +28,14 @@ def _distance(maps_store, oracle_store) -> float:
     return float(np.mean(errors))
 
 
-@pytest.mark.parametrize("family", ["llava", "mllama"])
+@pytest.mark.parametrize("family", ["llava", "mllama", "qwen2_vl"])
 def test_the_vlms_own_attention_moves_toward_the_targets(family, tiny_world, tmp_path):
     if family == "llava":
         model = save_tiny_llava(tmp_path / "llava")
+    elif family == "qwen2_vl":
+        from qwen2_vl_testers import save_tiny_qwen2_vl
+
+        model = save_tiny_qwen2_vl(tmp_path / "qwen2_vl")
     else:
         from lavender.world.base_vlm import BaseVLMConfig, build_base_vlm
 
@@ -42,7 +46,8 @@ def test_the_vlms_own_attention_moves_toward_the_targets(family, tiny_world, tmp
         out = tmp_path / f"lam{lam:g}"
         final = train(TrainConfig(model=str(model), data=str(tiny_world), targets=str(oracle), out=str(out),
                                   lam=lam, steps=40, batch_size=4, lr=3e-3, aligner_lr=3e-3, schedule="constant",
-                                  aggregation="mean-mean", lora_dropout=0.0, report_to="none"))
+                                  aggregation="mean-mean", lora_dropout=0.0, max_grad_norm=0.0,
+                                  report_to="none"))
         maps = write_attention_store(AttentionMapsConfig(model=str(model), adapter=str(final),
                                                          data=str(tiny_world / "train.json"), targets=str(oracle),
                                                          out=str(out / "maps"), aggregation="mean-mean"))
@@ -51,7 +56,8 @@ def test_the_vlms_own_attention_moves_toward_the_targets(family, tiny_world, tmp
                                                        targets=str(oracle), out=str(tmp_path / "before"),
                                                        aggregation="mean-mean"))
     distance["before"] = _distance(before, oracle)
-    # measured (mean squared difference): llava 0.247 before, 0.192 plain, 0.157 aligned;
-    # mllama 0.188 before, 0.129 plain, 0.053 aligned
+    # measured (mean squared difference): llava 0.247 before, 0.193 plain, 0.118 aligned; mllama 0.188, 0.174,
+    # 0.066; qwen2_vl 0.314, 0.258, 0.216. With the attention detached from the loss, both runs give the plain
+    # run's numbers exactly (no gradient clipping here, which would couple the Aligner's gradient to the VLM's).
     assert distance[100.0] < 0.9 * distance["before"], distance
     assert distance[100.0] < 0.9 * distance[0.0], distance

@@ -48,14 +48,14 @@ def _family_model(family: str, root, llava_dir):
 
 
 @pytest.mark.parametrize("family", ["llava", "mllama", "qwen2_vl"])
-def test_attention_loss_falls(family, llava_dir, tiny_world, oracle, tmp_path):
+def test_every_family_trains_and_logs(family, llava_dir, tiny_world, oracle, tmp_path):
+    """The loop runs for each family with words matched at every step and a TensorBoard log. (That alignment
+    moves the VLM's own attention, not just the Aligner's output, is tests/test_attention_moves.py.)"""
     model = _family_model(family, tmp_path, llava_dir)
-    train(_cfg(model, tiny_world, oracle, tmp_path / "run", steps=30, schedule="constant", report_to="tensorboard"))
+    train(_cfg(model, tiny_world, oracle, tmp_path / "run", steps=4, schedule="constant", report_to="tensorboard"))
     rows = metrics(tmp_path / "run")
     assert list((tmp_path / "run" / "lavender").glob("events.out.tfevents.*"))  # the TensorBoard log
-    att = [r["L_att"] for r in rows]
-    assert len(rows) == 30 and all(r["matched_words"] > 0 for r in rows)
-    assert sum(att[-5:]) / 5 < 0.7 * sum(att[:5]) / 5, att
+    assert len(rows) == 4 and all(r["matched_words"] > 0 and r["L_att"] > 0 for r in rows)
 
 
 def test_resume_continues_exactly(llava_dir, tiny_world, oracle, tmp_path, monkeypatch):

@@ -171,3 +171,22 @@ def test_minicpmv_is_refused_before_any_work(tiny_world, oracle, tmp_path, no_mo
     with pytest.raises(ValueError, match=rf"does not support MiniCPM-V \({kind}\) yet: .* shifted silently"):
         Trainer(_cfg(tmp_path / "minicpmv", tiny_world, oracle, out))
     assert not out.exists()
+
+
+def test_data_whose_images_cannot_be_read_stops_before_training(tiny_world, tmp_path):
+    """Every image path wrong (the data file copied away from its images): one clear error before the first
+    step, naming the reason, with or without a targets store, instead of a traceback after some steps."""
+    from lavender.train.config import TrainConfig
+    from lavender.world.demo import shipped_vlm
+
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.copy(tiny_world / "train.json", moved / "train.json")
+    for targets in ("", "store"):
+        store = ""
+        if targets:
+            store = str(write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path / "oracle"))
+        cfg = TrainConfig(model=str(shipped_vlm()), data=str(moved / "train.json"), targets=store,
+                          out=str(tmp_path / f"run-{targets or 'plain'}"), steps=2, batch_size=2, report_to="none")
+        with pytest.raises(CoverageError, match="unreadable images"):
+            Trainer(cfg)

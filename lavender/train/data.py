@@ -258,14 +258,16 @@ class Coverage:
     matched_words: int = 0  # of them, found in the text with a usable map
     unusable_maps: int = 0  # matches whose map was invalid or of the wrong shape
     failures: Counter = field(default_factory=Counter)  # why probed samples could not be used
+    has_store: bool = True  # False: no targets store, only usability was probed
 
     def __str__(self) -> str:
         share = _share(self.with_targets, self.samples)
-        text = f"{self.with_targets}/{self.samples} training samples ({share}) have targets"
+        text = (f"{self.with_targets}/{self.samples} training samples ({share}) have targets" if self.has_store
+                else f"{self.samples} training samples")
         if self.failures:
             text += (f"; {self.attempted - self.probed} of {self.attempted} probed samples could not be used "
                      f"({', '.join(f'{n} {why}' for why, n in self.failures.items())})")
-        if self.probed:
+        if self.probed and self.has_store:
             text += (f"; in a probe of {self.probed} of them, {self.matched_words}/{self.target_words} target "
                      f"words ({_share(self.matched_words, self.target_words)}) matched their text")
         if self.unusable_maps:
@@ -446,7 +448,7 @@ class StageTwoDataset(Dataset):
         the data (those with targets, if there is a store), how many can be used at all and how many of their
         store words are found in their text. Cheap: one id lookup per sample, `probe` encodings."""
         held = [s for s in self.samples if self.targets is not None and s.id in self.targets]
-        found = Coverage(len(self.samples), len(held))
+        found = Coverage(len(self.samples), len(held), has_store=self.targets is not None)
         pool = held if self.targets is not None else self.samples
         for sample in pool[:: max(len(pool) // probe, 1)][:probe]:
             found.attempted += 1

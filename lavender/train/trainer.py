@@ -171,7 +171,20 @@ def check_chat_template(processor, model: str, sample: Sample, instruction: str)
 def check_coverage(coverage: Coverage, cfg: TrainConfig, text: str) -> list[str]:
     """Raise CoverageError if the store aligns nothing of this data; else the warnings for low coverage.
 
-    `text` is the store's text source (caption, question, question+answer)."""
+    `text` is the store's text source (caption, question, question+answer). Without a store (`cfg.aligns`
+    false) only the usability of the probed samples is checked."""
+    if coverage.attempted and coverage.probed == 0:
+        reasons = ", ".join(f"{n} {why}" for why, n in coverage.failures.items()) or "see the warnings above"
+        raise CoverageError(
+            f"none of the {coverage.attempted} samples probed before training could be used ({reasons}): check "
+            "--image-root and the image paths, the images themselves, and --chat-template; the warnings above "
+            "name each sample and the reason")
+    warnings = []
+    if coverage.attempted and coverage.probed < LOW_COVERAGE * coverage.attempted:
+        warnings.append(f"only {coverage.probed} of {coverage.attempted} probed samples could be used; the others "
+                        "will be replaced by other samples as training meets them")
+    if not cfg.aligns:
+        return warnings
     if coverage.with_targets == 0:
         raise CoverageError(
             f"none of the {coverage.samples} training samples has targets in {cfg.targets}, so L_att would be 0 "
@@ -187,7 +200,6 @@ def check_coverage(coverage: Coverage, cfg: TrainConfig, text: str) -> list[str]
             f"their training text, so L_att would be 0 at every step: the store holds maps of the {text} "
             f"(`lavender extract --text {text}`); check that this --data has the same {text} as the --data the "
             "store was extracted from, and try --match root if the words differ only in their form")
-    warnings = []
     if coverage.with_targets < LOW_COVERAGE * coverage.samples:
         warnings.append(f"only {coverage.with_targets} of {coverage.samples} training samples have targets; "
                         "the others train on L_VLM alone")
@@ -418,12 +430,11 @@ class Trainer:
 
     def _check_coverage(self) -> None:
         """Stop if the store aligns nothing of the data, warn if it aligns little, log the numbers. Every process
-        computes the same numbers, so all stop alike."""
-        if self.dataset.targets is None:
-            return
+        computes the same numbers, so all stop alike. Without a store, the probe checks only that samples can
+        be used at all."""
         coverage = self.dataset.coverage(COVERAGE_PROBE)
         if self.accelerator.is_main_process:
-            log.info("targets %s: %s", self.cfg.targets, coverage)
+            log.info("%s: %s", f"targets {self.cfg.targets}" if self.dataset.targets is not None else "data", coverage)
         for warning in check_coverage(coverage, self.cfg, self.dataset.text_source):
             if self.accelerator.is_main_process:
                 log.warning("%s", warning)
