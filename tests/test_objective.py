@@ -87,15 +87,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(setup, aggregation):
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_attention_loss_reaches_the_query_projections(setup):
+@pytest.mark.parametrize("aggregation", ["mean-mean", "max-max", "flow-sum", "flow-multi", "per-layer", "heads",
+                                         "layer-heads"])
+def test_attention_loss_reaches_the_query_projections(setup, aggregation):
+    """For every aggregation the attention term alone sends gradient into the aligned layer's q and k."""
     from transformers import AutoModelForImageTextToText
 
     model_dir, batch = setup
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
-    objective = build_objective(model, True, (1,), "mean-mean", AlignerConfig(resolution=16))
+    objective = build_objective(model, True, (1,), aggregation, AlignerConfig(resolution=16))
     objective(batch)["att_sum"].backward()
     layers = model.model.language_model.layers
     assert layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert layers[1].self_attn.k_proj.weight.grad.abs().sum() > 0
     assert layers[1].self_attn.v_proj.weight.grad is None or layers[1].self_attn.v_proj.weight.grad.abs().sum() == 0
     with pytest.raises(ValueError, match="cannot be aligned"):
         build_objective(model, True, (7,), "mean-mean", AlignerConfig(resolution=16))

@@ -166,7 +166,8 @@ def test_every_aggregation_trains(llava_dir, tiny_world, oracle, tmp_path, aggre
     train(_cfg(llava_dir, tiny_world, oracle, tmp_path / aggregation, steps=2, aggregation=aggregation,
                aligner_depth="light"))
     rows = metrics(tmp_path / aggregation)
-    assert all(torch.isfinite(torch.tensor(r["L_att"])) and r["matched_words"] > 0 for r in rows)
+    # maps in [0, 1]; that each aggregation's loss reaches the VLM is tests/test_objective.py
+    assert len(rows) == 2 and all(0 < r["L_att"] < 1 and r["matched_words"] > 0 for r in rows)
 
 
 def test_bf16_with_gradient_checkpointing_runs(llava_dir, tiny_world, oracle, tmp_path):
