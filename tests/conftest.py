@@ -26,3 +26,19 @@ def tiny_world(tmp_path_factory):
 
     return write_world(WorldDataConfig(out=str(tmp_path_factory.mktemp("world") / "w"), size=32, train=12,
                                        test=4, ood=4))
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory):
+    """A tiny LLaVA with the shapes world's tokenizer, saved with its processor (tests/vlm_testers.py)."""
+    from vlm_testers import save_tiny_llava
+
+    return save_tiny_llava(tmp_path_factory.mktemp("llava") / "m")
+
+
+@pytest.fixture(scope="session")
+def oracle(tiny_world, tmp_path_factory):
+    """An oracle targets store of the tiny world's train split (its true word masks, blurred)."""
+    from lavender.world.oracle import write_oracle_store
+
+    return write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path_factory.mktemp("oracle") / "s")

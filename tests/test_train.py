@@ -7,22 +7,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from vlm_testers import save_tiny_llava
 
 import lavender.train.objective as objective_module
 from lavender.train.config import TrainConfig
 from lavender.train.trainer import Trainer, TrainingError, train
-from lavender.world.oracle import write_oracle_store
-
-
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    return save_tiny_llava(tmp_path_factory.mktemp("llava") / "m")
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_world, tmp_path_factory):
-    return write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path_factory.mktemp("oracle") / "s")
 
 
 def _cfg(model, world, store, out, **kw) -> TrainConfig:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from vlm_testers import save_tiny_llava
 
 from lavender.data.samples import Sample, read_samples
 from lavender.data.targets import AttentionTargets, TargetsWriter, write_index, write_store_info
@@ -26,11 +25,6 @@ from lavender.train.data import (
     valid_target,
 )
 from lavender.world.oracle import write_oracle_store
-
-
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    return save_tiny_llava(tmp_path_factory.mktemp("llava") / "m")
 
 
 @pytest.fixture(scope="module")

@@ -10,23 +10,13 @@ import shutil
 import numpy as np
 import pytest
 from test_train import _cfg, metrics
-from vlm_testers import LLAVA_TEMPLATE, save_tiny_llava
+from vlm_testers import LLAVA_TEMPLATE
 
 import lavender.train.trainer as trainer_module
 from lavender.data.targets import AttentionTargets, TargetsWriter, write_index, write_store_info
 from lavender.train.data import NO_ANSWER, ChatTemplateError, NoSamplesError
 from lavender.train.trainer import CoverageError, Trainer, read_chat_template, train
 from lavender.world.oracle import write_oracle_store
-
-
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    return save_tiny_llava(tmp_path_factory.mktemp("llava") / "m")
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_world, tmp_path_factory):
-    return write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path_factory.mktemp("oracle") / "s")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 from qwen2_vl_testers import qwen2_vl_inputs, tiny_qwen2_vl
 from test_train import _cfg, metrics
-from vlm_testers import llava_inputs, mllama_inputs, save_tiny_llava, tiny_llava, tiny_mllama
+from vlm_testers import llava_inputs, mllama_inputs, tiny_llava, tiny_mllama
 
 import lavender.train.objective as objective_module
 from lavender.align.aligner import AlignerConfig
@@ -18,17 +18,6 @@ from lavender.train.config import TrainConfig
 from lavender.train.data import IGNORE, Batch
 from lavender.train.objective import LavenderObjective, build_objective, language_loss_sum
 from lavender.train.trainer import Trainer, TrainingError, select_parameters, train
-from lavender.world.oracle import write_oracle_store
-
-
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    return save_tiny_llava(tmp_path_factory.mktemp("llava") / "m")
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_world, tmp_path_factory):
-    return write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path_factory.mktemp("oracle") / "s")
 
 
 # -- logits at label positions only -------------------------------------------------------------------------------
