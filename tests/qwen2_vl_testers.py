@@ -245,7 +245,3 @@ class Qwen2VLTester(VLMTester):
     def image_token_id(self):
         return build_tokenizer().convert_tokens_to_ids(IMAGE_PAD)
 
-    def rows(self, batch):
-        s = batch["input_ids"].shape[1]
-        image_row = int((batch["input_ids"][0] == self.image_token_id).nonzero()[4])
-        return torch.tensor([s - 1, s - 4, s - 7, image_row])  # text after the image, an image token

@@ -126,8 +126,11 @@ class VLMTester:
         raise NotImplementedError
 
     def rows(self, batch: dict) -> torch.Tensor:
-        """(R,) query positions to capture: text after the image, and any other interesting row."""
-        raise NotImplementedError
+        """(R,) query positions to capture: text after the image, and one image token (by default: the last, the
+        fourth and the seventh from last positions, and sample 0's fifth image token)."""
+        s = batch["input_ids"].shape[1]
+        image_row = int((batch["input_ids"][0] == self.image_token_id).nonzero()[4])
+        return torch.tensor([s - 1, s - 4, s - 7, image_row])
 
     @property
     def image_token_id(self) -> int:
