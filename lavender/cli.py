@@ -51,6 +51,27 @@ def cmd_attention(args: argparse.Namespace) -> None:
     print(f"VLM attention store: {write_attention_store(config_from_args(AttentionMapsConfig, args))}")
 
 
+def cmd_eval_answers(args: argparse.Namespace) -> None:
+    from lavender.eval.answers import PREDICTIONS, SUMMARY, AnswersConfig, format_table, run_answers
+
+    cfg = config_from_args(AnswersConfig, args)
+    summary = run_answers(cfg)
+    print(format_table(summary["scores"]))
+    if summary["skipped"]:
+        print("left out: " + ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()))
+    print(f"predictions: {Path(cfg.out) / PREDICTIONS}, summary: {Path(cfg.out) / SUMMARY}")
+
+
+def cmd_eval_compare(args: argparse.Namespace) -> None:
+    from lavender.eval.compare import CompareConfig, compare, format_comparison
+
+    cfg = config_from_args(CompareConfig, args)
+    report = compare(cfg)
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(format_comparison(report))
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from lavender.data.authors_layout import export_authors_layout
     from lavender.data.samples import read_samples
@@ -169,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
                       description="Score the result with `lavender eval grounding` like a stage-1 store.")
     add_dataclass_args(p, AttentionMapsConfig)
     p.set_defaults(func=cmd_attention)
+    from lavender.eval.answers import AnswersConfig
+    from lavender.eval.compare import CompareConfig
+
+    p = ev.add_parser("answers", help="a VLM's greedy answers to the data's questions, with exact match, VQA "
+                                      "accuracy and caption scores, overall and per question type")
+    add_dataclass_args(p, AnswersConfig)
+    p.set_defaults(func=cmd_eval_answers)
+    p = ev.add_parser("compare", help="paired bootstrap of two `eval answers` prediction files on the same items")
+    add_dataclass_args(p, CompareConfig)
+    p.set_defaults(func=cmd_eval_compare)
 
     tg = sub.add_parser("targets", help="convert targets stores").add_subparsers(dest="targets", required=True,
                                                                                 metavar="WHAT")
