@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from lavender.train.merge import merge_adapter
 
-    print(f"merged model: {merge_adapter(args.adapter, args.out, args.base)}")
+    print(f"merged model: {merge_adapter(args.adapter, args.out, args.base, args.overwrite)}")
 
 
 def cmd_world_oracle(args: argparse.Namespace) -> None:
@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="the adapter directory (`<train --out>/final`)")
     p.add_argument("--out", required=True, help="directory for the merged model")
     p.add_argument("--base", default="", help="base model (default: the one recorded in the adapter)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_merge)
 
     ev = sub.add_parser("eval", help="evaluate maps and models").add_subparsers(dest="eval", required=True,

@@ -71,6 +71,11 @@ def _check_type(cls: type, name: str, value: Any, tp: Any) -> Any:
         return tuple(items) if origin is tuple else items
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if isinstance(tp, type) and (not isinstance(value, tp) or (tp is not bool and isinstance(value, bool))):
         raise ConfigError(f"{cls.__name__}.{name}: expected {tp.__name__}, got {value!r}")
     return value

@@ -133,3 +133,24 @@ def test_merge_reads_and_writes_the_config(trained, tmp_path):
     with pytest.raises(ConfigError, match="unknown AlignmentConfig options"):
         merge_adapter(broken, tmp_path / "merged-broken")
     assert not (tmp_path / "merged-broken").exists()
+
+
+def test_merge_and_eval_attention_never_write_into_a_non_empty_out(tmp_path):
+    from lavender.eval.attention import AttentionMapsConfig, write_attention_store
+    from lavender.train.merge import merge_adapter
+
+    adapter = tmp_path / "run" / "final"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        merge_adapter(adapter, precious)
+    with pytest.raises(ValueError, match="holds the adapter"):
+        merge_adapter(adapter, tmp_path / "run", overwrite=True)
+    with pytest.raises(ValueError, match="not empty"):
+        write_attention_store(AttentionMapsConfig(model="m", data="d", targets=str(tmp_path / "t"), out=str(precious)))
+    with pytest.raises(ValueError, match="must not be the --targets"):
+        write_attention_store(AttentionMapsConfig(model="m", data="d", targets=str(precious), out=str(precious)))
+    assert (precious / "notes.txt").read_text() == "x"

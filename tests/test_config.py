@@ -217,3 +217,15 @@ def test_main_reports_bad_config_with_exit_code_2(tmp_path):
     bad = write_yaml(tmp_path / "bad.yaml", "sise: 32\n")
     assert main(["world", "data", "--config", bad, "--out", str(tmp_path / "b")]) == 2
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_nonsense_training_values_are_refused_and_yaml_exponents_read():
+    from lavender.config import build_config
+    from lavender.train.config import TrainConfig
+
+    for bad in ({"log_every": 0}, {"aligner_hidden": 0}, {"lr": -1.0}, {"lam": float("nan")},
+                {"max_grad_norm": -1.0}, {"save_every": -1}, {"limit": -1}, {"step_gamma": -1.0},
+                {"layers": (1, 1)}):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+    assert build_config(TrainConfig, {"lr": "1e-4"}).lr == 1e-4  # YAML 1.1 reads 1e-4 as a string

@@ -10,6 +10,7 @@ image (frame "full"): the part the VLM sees is drawn where it lies, and the rest
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class AttentionMapsConfig:
     data: str = field(default="", metadata={"help": "the samples (any format `lavender train` reads)"})
     targets: str = field(default="", metadata={"help": "a targets store naming the words (and text) per sample"})
     out: str = field(default="", metadata={"help": "the new store of the VLM's maps"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing store at --out"})
     aligner: bool = field(default=False, metadata={
         "help": "maps through the trained Aligner instead of raw, with the layers and aggregation it was trained on "
                 "(from the adapter's aligner/alignment_config.json)"})
@@ -72,6 +74,14 @@ def write_attention_store(cfg: AttentionMapsConfig) -> Path:
     """Run the VLM over the samples and store one map per aligned word (repeated words averaged)."""
     if not (cfg.data and cfg.targets and cfg.out and (cfg.model or cfg.adapter)):
         raise ValueError("--model (or --adapter), --data, --targets and --out are required")
+    out = Path(cfg.out)
+    if out.resolve() == Path(cfg.targets).resolve():
+        raise ValueError("--out must not be the --targets store")
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise ValueError(f"{out} is not empty: its maps would mix with these; choose a new --out or pass "
+                             "--overwrite")
+        shutil.rmtree(out)
     model, processor = load_trained(cfg.adapter, cfg.model) if cfg.adapter else load_vlm(cfg.model)
     model.eval()
     adapter = adapter_for(model)

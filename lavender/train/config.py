@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lavender.align.aggregate import AGGREGATIONS
@@ -39,7 +40,8 @@ class TrainConfig:
     align_position: str = field(default="input", metadata={
         "help": "input: a word's own token rows; predict: the rows of the tokens that predict it"})
     aligner_kind: str = field(default="conv", metadata={"help": "conv|mlp"})
-    aligner_depth: str = field(default="sim", metadata={"help": "light|sim|deep or a number of blocks"})
+    aligner_depth: str = field(default="sim", metadata={
+        "help": "light|sim|deep|authors (the authors' release) or a number of blocks"})
     aligner_hidden: int = field(default=32, metadata={"help": "Aligner channels"})
     aligner_norm: str = field(default="instance", metadata={"help": "instance|batch|group|none"})
     aligner_pretrain_steps: int = field(default=0, metadata={"help": "first steps train only the Aligner"})
@@ -92,8 +94,21 @@ class TrainConfig:
         for value, allowed, flag in checks:
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {allowed}, got {value!r}")
-        if min(self.steps, self.batch_size, self.grad_accum, self.max_length) < 1:
-            raise ValueError("--steps, --batch-size, --grad-accum and --max-length must be positive")
+        if min(self.steps, self.batch_size, self.grad_accum, self.max_length, self.log_every, self.aligner_hidden) < 1:
+            raise ValueError("--steps, --batch-size, --grad-accum, --max-length, --log-every and --aligner-hidden "
+                             "must be positive")
+        if min(self.save_every, self.limit, self.warmup_steps, self.step_every) < 0:
+            raise ValueError("--save-every, --limit, --warmup-steps and --step-every must not be negative")
+        rates = {"--lr": self.lr, "--aligner-lr": self.aligner_lr, "--learn-lr": self.learn_lr}
+        for flag, value in rates.items():
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{flag} must be a positive number, got {value}")
+        if not (math.isfinite(self.lam) and math.isfinite(self.max_grad_norm)) or self.max_grad_norm < 0:
+            raise ValueError("--lam and --max-grad-norm must be finite, --max-grad-norm not negative (0: off)")
+        if not 0 < self.step_gamma <= 1:
+            raise ValueError("--step-gamma must be in (0, 1]")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"--layers names a layer twice: {self.layers}")
         if self.keep_checkpoints < 1:
             raise ValueError("--keep-checkpoints must be at least 1")
         if self.lam < 0 or self.aligner_pretrain_steps < 0:

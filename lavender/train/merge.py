@@ -26,11 +26,16 @@ def load_trained(path: str | Path, base: str = ""):
     return model.merge_and_unload(), AutoProcessor.from_pretrained(path if has_processor else base)
 
 
-def merge_adapter(adapter: str | Path, out: str | Path, base: str = "") -> Path:
+def merge_adapter(adapter: str | Path, out: str | Path, base: str = "", overwrite: bool = False) -> Path:
     """Merge a LoRA adapter into its base model (`base`, or the one the adapter records) and save model and
     processor to `out`. The Aligner, if any, goes beside them as `lavender train` writes it (`aligner/`, its
-    weights and `alignment_config.json`; an older output's `aligner/config.json` is converted)."""
+    weights and `alignment_config.json`; an older output's `aligner/config.json` is converted). A non-empty `out`
+    is refused (ValueError) unless `overwrite`, and never one that holds the adapter."""
     adapter, out = Path(adapter), Path(out)
+    holds_adapter = out.exists() and adapter.resolve().is_relative_to(out.resolve())
+    if out.exists() and any(out.iterdir()) and (not overwrite or holds_adapter):
+        why = " (it holds the adapter itself)" if holds_adapter else ", or pass --overwrite"
+        raise ValueError(f"{out} is not empty; choose a new --out{why}")
     if not (adapter / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter} is not a peft adapter directory (no adapter_config.json)")
     alignment = load_alignment_config(adapter)  # read first: a malformed config stops before the merge
