@@ -101,8 +101,8 @@ class TrainConfig:
             raise ValueError("--save-every, --limit, --warmup-steps and --step-every must not be negative")
         rates = {"--lr": self.lr, "--aligner-lr": self.aligner_lr, "--learn-lr": self.learn_lr}
         for flag, value in rates.items():
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{flag} must be a positive number, got {value}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{flag} must be a number of at least 0, got {value}")
         if not (math.isfinite(self.lam) and math.isfinite(self.max_grad_norm)) or self.max_grad_norm < 0:
             raise ValueError("--lam and --max-grad-norm must be finite, --max-grad-norm not negative (0: off)")
         if not 0 < self.step_gamma <= 1:
