@@ -78,7 +78,8 @@ def _refused(sample_id: str, problem: str) -> Sample:
     return Sample(sample_id, load, problem=problem)
 
 
-def _clean(text: str) -> str:
+def strip_image_tags(text: str) -> str:
+    """`text` without its `<image>` placeholders, stripped."""
     return _IMAGE_TAG.sub("", text or "").strip()
 
 
@@ -100,7 +101,7 @@ def _content(content, turn: int) -> tuple[str, int]:
     if content is None:
         return "", 0
     if isinstance(content, str):
-        return _clean(content), len(_IMAGE_TAG.findall(content))
+        return strip_image_tags(content), len(_IMAGE_TAG.findall(content))
     content = _rows(content)
     if not isinstance(content, list):
         raise _Refused("malformed", f"the content of turn {turn} is a {_type_name(content)}, not text or a list")
@@ -121,7 +122,7 @@ def _content(content, turn: int) -> tuple[str, int]:
             raise _Refused("malformed", f"a content part of turn {turn} has no type")
         else:
             raise _Refused("unsupported content", f"a {kind!r} part in turn {turn}")
-    return "\n".join(t for t in map(_clean, texts) if t), images
+    return "\n".join(t for t in map(strip_image_tags, texts) if t), images
 
 
 _TEXT_KEYS = ("conversations", "messages", "prompt", "instruction", "question", "caption", "text")
@@ -162,7 +163,7 @@ def _messages(turns, key: str) -> tuple[list[tuple[str, str]], int]:
 def _side(value, role: str, key: str) -> tuple[list[tuple[str, str]], int]:
     """One side of a prompt/completion record: plain text (a `role` turn) or a list of turns."""
     if isinstance(value, str):
-        return [(role, _clean(value))], len(_IMAGE_TAG.findall(value))
+        return [(role, strip_image_tags(value))], len(_IMAGE_TAG.findall(value))
     return _messages(value, key)
 
 
@@ -182,12 +183,12 @@ def _conversation(rec: dict) -> tuple[list[tuple[str, str]], int]:
         return prompt + completion, n + m
     if rec.get("instruction") is not None and rec.get("output") is not None:
         user = "\n".join(_string(rec, k) for k in ("instruction", "input") if _string(rec, k).strip())
-        turns = [("system", _clean(_string(rec, "system")))] if _string(rec, "system").strip() else []
-        return [*turns, ("user", _clean(user)), ("assistant", _clean(_string(rec, "output")))], len(
+        turns = [("system", strip_image_tags(_string(rec, "system")))] if _string(rec, "system").strip() else []
+        return [*turns, ("user", strip_image_tags(user)), ("assistant", strip_image_tags(_string(rec, "output")))], len(
             _IMAGE_TAG.findall(user))
     if rec.get("question") is not None and rec.get("answer") is not None:
         question = _string(rec, "question")
-        return [("user", _clean(question)), ("assistant", _clean(_string(rec, "answer")))], len(
+        return [("user", strip_image_tags(question)), ("assistant", strip_image_tags(_string(rec, "answer")))], len(
             _IMAGE_TAG.findall(question))
     return [], 0
 
@@ -209,7 +210,7 @@ def _texts(rec: dict, turns: list[tuple[str, str]]) -> tuple[str, str, str]:
     question = next((t for r, t in turns if r == "user"), "")
     reply = next((t for r, t in turns if r == "assistant"), "")
     caption = _string(rec, "caption") or _string(rec, "text")
-    return (_clean(caption) if caption else reply), question, reply
+    return (strip_image_tags(caption) if caption else reply), question, reply
 
 
 def _check_images(n_files: int, n_placeholders: int) -> None:
@@ -319,7 +320,7 @@ def read_image_folder(path: Path) -> Iterator[Sample]:
                 yield _refused(sample_id, str(e))
                 continue
             file = path / name
-            yield Sample(sample_id, image_loader(file), _clean(caption), question, answer, file.name,
+            yield Sample(sample_id, image_loader(file), strip_image_tags(caption), question, answer, file.name,
                          image_path=name)
         return
     for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from torch.utils.data import Dataset
 
 from lavender.align.words import match_words
 from lavender.data.frame import FULL, Box, CommonView, ImageView, common_view, frame_box, resample
-from lavender.data.samples import Sample, read_samples
+from lavender.data.samples import Sample, read_samples, strip_image_tags
 from lavender.data.targets import AttentionTargets
 from lavender.diffusion.words import find_words
 from lavender.utils.maps import min_max
@@ -43,7 +42,6 @@ UNUSABLE = ("unreadable images", "samples the processor rejected", "samples too 
             "samples without an answer", "samples whose answer was cut off")
 NO_ANSWER = "no answer: no assistant turn has text"  # why a sample with nothing to train on is refused
 TARGET_TOLERANCE = 1e-3  # stage-1 maps are min-max normalised: [0, 1] up to storage rounding
-_IMAGE_TAG = re.compile(r"<image>\s*")
 # per-sample tensors laid out along the sequence, padded by the collator with these values
 SEQUENCE_PAD = {"input_ids": None, "attention_mask": 0, "labels": IGNORE, "cross_attention_mask": 0,
                 "mm_token_type_ids": 0, "token_type_ids": 0}
@@ -95,7 +93,7 @@ def conversation(sample: Sample, instruction: str) -> list[tuple[str, str]]:
 
 def has_text(text: str) -> bool:
     """Whether a turn says anything once its `<image>` tags are removed."""
-    return bool(_IMAGE_TAG.sub("", text or "").strip())
+    return bool(strip_image_tags(text))
 
 
 def has_answer(sample: Sample) -> bool:
