@@ -1,4 +1,5 @@
-"""`lavender eval attention`: the stored VLM maps equal an eager computation from `output_attentions`."""
+"""`lavender eval attention`: the stored VLM maps, and the attention distributions the store keeps, equal an eager
+computation from `output_attentions`."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def test_raw_maps_match_eager_attention(tiny_world, tmp_path):
     image_token = model.config.image_token_id
     data = StageTwoDataset(read_samples(tiny_world / "train.json")[:3], processor, image_token,
                            AttentionTargets(words_store), instruction="Describe the image.", max_length=512)
-    checked = 0
+    checked = repeated = 0
     for i in range(3):
         enc = data[i]
         inputs = {k: v for k, v in enc.inputs.items() if k != "labels"}
@@ -38,15 +39,27 @@ def test_raw_maps_match_eager_attention(tiny_world, tmp_path):
             attentions = model(**inputs, output_attentions=True).attentions  # per layer (1, H, S, S)
         image = (enc.inputs["input_ids"][0] == image_token).nonzero().squeeze(-1)
         stored = maps[enc.sample_id]
+        dists = maps.distributions(enc.sample_id)
         by_word: dict[str, list[torch.Tensor]] = {}
+        raw_by_word: dict[str, list[torch.Tensor]] = {}
         for word in enc.words:
             rows = torch.stack([a[0][:, list(word.rows)][..., image] for a in attentions])  # (L, H, rows, 16)
             grid = rows.mean(dim=2).mean(dim=(0, 1)).view(1, 1, 4, 4)
             resized = F.interpolate(grid, size=(16, 16), mode="bilinear", align_corners=False)[0]
             by_word.setdefault(word.word, []).append(min_max(resized)[0])
-        assert set(stored) == set(by_word)
+            raw_by_word.setdefault(word.word, []).append(resized[0])
+        assert set(stored) == set(by_word) == set(dists)
         for word, pictures in by_word.items():
             torch.testing.assert_close(torch.as_tensor(stored[word]), torch.stack(pictures).mean(0), atol=2e-3,
                                        rtol=0)
+            # the distribution: the word's attention at the image keys over its sum (occurrences weighted by
+            # 1 / (max - min) of each, see occurrence_range)
+            raws = raw_by_word[word]
+            weights = [1 / (x.max() - x.min()) for x in raws]
+            mixed = sum(w * x for w, x in zip(weights, raws)) / sum(weights)
+            torch.testing.assert_close(torch.as_tensor(dists[word]).double(), (mixed / mixed.sum()).double(),
+                                       atol=1e-5, rtol=2e-3)
+            repeated += len(raws) > 1
             checked += 1
     assert checked >= 3
+    assert repeated >= 1  # a word asked about twice: its occurrences are combined as occurrence_range says

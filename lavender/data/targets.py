@@ -4,7 +4,10 @@ Layout of a store directory:
     store.json                 extraction settings and the diffusion model's name
     shard-*.safetensors        one (n_words, R, R) tensor per sample id; the header's metadata
                                lists each sample's words ("words") and the original image's
-                               (width, height) in pixels for the samples that have one ("sizes")
+                               (width, height) in pixels for the samples that have one ("sizes"),
+                               and, for samples whose writer gave them, each map's minimum and maximum
+                               before min-max normalisation ("ranges") and the part of the frame the
+                               maps have values in, if not all of it ("views")
     index.json                 sample id -> shard, written when a run finishes
     failures.jsonl             samples that could not be processed, with the reason
 
@@ -13,6 +16,15 @@ resampled to R x R. `settings["frame"]` names it: "full" (the whole image; what 
 extract` writes), "center-square" (the centred square of side min(width, height); what
 `lavender extract` made before frames were recorded) or "unknown". `AttentionTargets.frame`
 reads it, and `AttentionTargets.image_size` gives the size the frame is a region of.
+
+Distributions: every stored map m is min-max normalised to [0, 1]. Where the shard keeps the map's range
+(lo, hi) before normalisation, the map before normalisation is x = lo * s + m * (hi - lo), s being 1 on the
+cells the map has values in (its view, the whole frame unless "views" says otherwise) and 0 elsewhere, and
+its distribution over the cells is x / sum(x) (`AttentionTargets.distributions`). For `lavender extract`
+that is the word's attention probability at each cell (summed over its tokens, averaged over layers, heads
+and steps) divided by its sum; for `lavender eval attention` the VLM's attention of the word's rows,
+renormalised over the image keys. Stores and shards written before ranges were kept read as before and have
+no distributions.
 
 A shard appears only by an atomic rename, so after a crash every shard on disk is
 whole, and a rerun recomputes exactly the samples no shard holds.
@@ -24,14 +36,14 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lavender.data.frame import FRAMES
+from lavender.data.frame import FRAMES, FULL, Box, resample
 from lavender.utils.io import atomic_write, atomic_write_json
 
 FORMAT = "lavender.targets"
@@ -66,6 +78,19 @@ def scan_shards(root: Path) -> dict[str, str]:
     return where
 
 
+class _Entry(NamedTuple):
+    words: list[str]
+    maps: torch.Tensor  # (n_words, R, R) in the store's dtype
+    size: list[int] | None  # (width, height)
+    ranges: list[list[float]] | None  # per word: (min, max) before normalisation
+    view: list[float] | None  # (top, left, bottom, right), None for the whole frame
+
+
+def _short(value: float) -> float:
+    """A float written with float32's 9 significant digits, which keep it exactly, not float64's 17."""
+    return float(f"{float(np.float32(value)):.9g}")
+
+
 class TargetsWriter:
     """Buffers samples and writes them as shards of `shard_size` samples each."""
 
@@ -73,13 +98,20 @@ class TargetsWriter:
         self.root, self.shard_size, self.prefix = Path(root), shard_size, prefix
         self.dtype = DTYPES[dtype]
         self.root.mkdir(parents=True, exist_ok=True)
-        self._buffer: dict[str, tuple[list[str], torch.Tensor, list[int] | None]] = {}
+        self._buffer: dict[str, _Entry] = {}
 
     def add(self, sample_id: str, maps: dict[str, np.ndarray | torch.Tensor],
-            image_size: tuple[int, int] | None = None) -> None:
+            image_size: tuple[int, int] | None = None,
+            ranges: dict[str, tuple[float, float]] | None = None, view: Box | None = None) -> None:
         """Buffer one sample's maps; `image_size` is its original image's (width, height) in pixels, if known.
 
-        Raises ValueError for an image size that is not two positive integers.
+        `ranges` gives, for every word of `maps`, the (min, max) its map had before min-max normalisation, so
+        that readers can recover its distribution (module docstring); `view` is the (top, left, bottom, right)
+        box, in fractions of the frame, outside which the maps are 0 because nothing was seen there (None: the
+        whole frame). Without `ranges` the sample has no distributions.
+
+        Raises ValueError for an image size that is not two positive integers, for `ranges` that miss a word
+        or hold a non-finite value or a max below the min, and for a view that is not a box inside the frame.
         """
         size = None
         if image_size is not None:
@@ -87,11 +119,25 @@ class TargetsWriter:
             if len(size) != 2 or min(size) < 1:
                 raise ValueError(f"sample {sample_id!r}: image_size must be (width, height) > 0, got {image_size!r}")
         words = list(maps)
+        kept_ranges = None
+        if ranges is not None:
+            missing = [w for w in words if w not in ranges]
+            if missing:
+                raise ValueError(f"sample {sample_id!r}: no range for the maps of {missing[:5]}")
+            kept_ranges = [[_short(v) for v in ranges[w]] for w in words]
+            if any(len(r) != 2 or not all(map(np.isfinite, r)) or r[1] < r[0] for r in kept_ranges):
+                raise ValueError(f"sample {sample_id!r}: ranges must be finite (min, max) pairs, got {ranges!r}")
+        box = None
+        if view is not None and tuple(view) != FULL:
+            box = [float(v) for v in view]
+            if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+                raise ValueError(f"sample {sample_id!r}: view must be a (top, left, bottom, right) box of fractions, "
+                                 f"got {view!r}")
         if words:
             stacked = torch.stack([torch.as_tensor(np.asarray(maps[w]), dtype=torch.float32) for w in words])
         else:
             stacked = torch.zeros(0, 1, 1)
-        self._buffer[sample_id] = (words, stacked.to(self.dtype).contiguous(), size)
+        self._buffer[sample_id] = _Entry(words, stacked.to(self.dtype).contiguous(), size, kept_ranges, box)
         if len(self._buffer) >= self.shard_size:
             self.flush()
 
@@ -99,10 +145,13 @@ class TargetsWriter:
         """Write the buffered samples as one shard; returns its path (None if nothing was buffered)."""
         if not self._buffer:
             return None
-        tensors = {sid: t for sid, (_, t, _) in self._buffer.items()}
+        items = self._buffer.items()
+        tensors = {sid: e.maps for sid, e in items}
         meta = {"format": FORMAT,
-                "words": json.dumps({sid: w for sid, (w, _, _) in self._buffer.items()}),
-                "sizes": json.dumps({sid: s for sid, (_, _, s) in self._buffer.items() if s is not None})}
+                "words": json.dumps({sid: e.words for sid, e in items}),
+                "sizes": json.dumps({sid: e.size for sid, e in items if e.size is not None}),
+                "ranges": json.dumps({sid: e.ranges for sid, e in items if e.ranges is not None}),
+                "views": json.dumps({sid: e.view for sid, e in items if e.view is not None})}
         path = self.root / f"shard-{self.prefix}-{uuid.uuid4().hex[:12]}.safetensors"
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         self._buffer.clear()
@@ -146,6 +195,8 @@ class AttentionTargets:
         self._where = self._load_index()
         self._words: dict[str, dict[str, list[str]]] = {}
         self._sizes: dict[str, dict[str, list[int]]] = {}
+        self._ranges: dict[str, dict[str, list[list[float]]]] = {}
+        self._views: dict[str, dict[str, list[float]]] = {}
         self._handles: dict[str, Any] = {}
 
     def _load_index(self) -> dict[str, str]:
@@ -191,6 +242,8 @@ class AttentionTargets:
             meta = self._handles[name].metadata()
             self._words[name] = json.loads(meta["words"])
             self._sizes[name] = json.loads(meta.get("sizes", "{}"))  # shards written before sizes have none
+            self._ranges[name] = json.loads(meta.get("ranges", "{}"))  # nor before ranges and views
+            self._views[name] = json.loads(meta.get("views", "{}"))
         return self._handles[name]
 
     def words(self, sample_id: str) -> list[str]:
@@ -216,6 +269,66 @@ class AttentionTargets:
         name = self._where[sample_id]
         stacked = self._shard(name).get_tensor(sample_id).float().numpy()
         return {w: stacked[i] for i, w in enumerate(self._words[name][sample_id])}
+
+    def ranges(self, sample_id: str) -> dict[str, tuple[float, float]] | None:
+        """{word: (min, max) of its map before min-max normalisation}, or None if the store does not keep them
+        for this sample (stores written before they were kept, imported or oracle stores, Aligner outputs).
+
+        Raises KeyError for a sample the store does not hold.
+        """
+        if sample_id not in self._where:
+            raise KeyError(f"no targets for sample {sample_id!r}")
+        name = self._where[sample_id]
+        self._shard(name)
+        kept = self._ranges[name].get(sample_id)
+        if kept is None:
+            return None
+        return {w: (r[0], r[1]) for w, r in zip(self._words[name][sample_id], kept)}
+
+    def view(self, sample_id: str) -> Box:
+        """(top, left, bottom, right), fractions of the frame: where the sample's maps have values; outside it
+        they are 0 because nothing was seen there (a VLM's centre crop). The whole frame unless recorded.
+
+        Raises KeyError for a sample the store does not hold.
+        """
+        if sample_id not in self._where:
+            raise KeyError(f"no targets for sample {sample_id!r}")
+        name = self._where[sample_id]
+        self._shard(name)
+        box = self._views[name].get(sample_id)
+        return (box[0], box[1], box[2], box[3]) if box else FULL
+
+    def distributions(self, sample_id: str) -> dict[str, np.ndarray] | None:
+        """{word: float32 (R, R) distribution over the map's cells, non-negative, summing to 1}, or None if the
+        store keeps no ranges for this sample (see `ranges`).
+
+        With m the stored map, (lo, hi) its range and s the view's footprint (1 on the cells inside `view`, 0
+        outside), the map before normalisation is x = lo * s + m * (hi - lo), and the distribution is
+        x / sum(x), computed in float64 (negative rounding residue clipped to 0). For `lavender extract` stores
+        this is the word's attention probability at each cell over its total; for `lavender eval attention`
+        stores the VLM's attention rows of the word renormalised over the image keys it sees. A word whose map
+        has no mass (x all 0) has no distribution and is left out of the dict.
+
+        Raises KeyError for a sample the store does not hold.
+        """
+        ranges = self.ranges(sample_id)
+        if ranges is None:
+            return None
+        maps = self[sample_id]
+        if not maps:
+            return {}
+        r = next(iter(maps.values())).shape[-1]
+        box = self.view(sample_id)
+        support = np.ones((r, r)) if box == FULL else resample(torch.ones(r, r, dtype=torch.float64), FULL, r,
+                                                               dst=box).numpy()
+        out = {}
+        for word, m in maps.items():
+            lo, hi = ranges[word]
+            x = np.clip(lo * support + m.astype(np.float64) * (hi - lo), 0.0, None)
+            total = x.sum()
+            if total > 0 and np.isfinite(total):
+                out[word] = (x / total).astype(np.float32)
+        return out
 
     def failures(self) -> list[dict[str, Any]]:
         path = self.root / FAILURES_FILE

@@ -4,7 +4,9 @@ For each batch: VAE-encode the whole images (each at its own aspect ratio, so a 
 covers the whole image: the store's frame is "full"), DDIM-invert the latents a few steps with the
 text as condition, denoise them back while the cross-attention layers report their
 softmax probabilities, average those over heads, layers and steps at the target
-resolution, sum the tokens of each word and min-max normalise each word's map.
+resolution, sum the tokens of each word and min-max normalise each word's map. The store keeps each map's
+minimum and maximum before that normalisation, from which the word's attention distribution over the cells is
+recovered (`AttentionTargets.distributions`).
 """
 
 from __future__ import annotations
@@ -117,21 +119,32 @@ def prediction_type(scheduler) -> str:
     return check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
 
 
-def word_maps(text: str, offsets: list[tuple[int, int]], token_maps: torch.Tensor) -> dict[str, np.ndarray]:
+class WordMaps(dict):
+    """{word: float32 (R, R) map, min-max normalised}, and in `ranges` {word: (min, max)} of each map before
+    that normalisation (the attention probabilities it was made of), for the store to keep."""
+
+    def __init__(self, maps=(), ranges: dict[str, tuple[float, float]] | None = None):
+        super().__init__(maps)
+        self.ranges = ranges or {}
+
+
+def word_maps(text: str, offsets: list[tuple[int, int]], token_maps: torch.Tensor) -> WordMaps:
     """Per-word maps from per-token maps (L, R, R).
 
     A word's map is the sum over its tokens (its whole attention mass); a word that
     occurs several times gets the mean over its occurrences. Each map is then
-    min-max normalised.
+    min-max normalised; its minimum and maximum before that are in the result's `ranges`.
     """
     per_word: dict[str, list[torch.Tensor]] = {}
     for wt in words_to_tokens(text, offsets):
         per_word.setdefault(wt.word, []).append(token_maps[list(wt.tokens)].sum(dim=0))
     if not per_word:
-        return {}
+        return WordMaps()
     words = list(per_word)
     stacked = torch.stack([torch.stack(per_word[w]).mean(dim=0) for w in words])
-    return dict(zip(words, min_max(stacked).cpu().numpy()))
+    flat = stacked.flatten(1)
+    lows, highs = flat.min(dim=1).values.tolist(), flat.max(dim=1).values.tolist()
+    return WordMaps(zip(words, min_max(stacked).cpu().numpy()), dict(zip(words, zip(lows, highs))))
 
 
 def input_size(width: int, height: int, size: int, multiple: int, keep_aspect: bool = True) -> tuple[int, int]:
@@ -188,12 +201,13 @@ class Extractor:
         emb = self.pipe.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
         return emb, mask, tok.offset_mapping.tolist()
 
-    def __call__(self, images: list[Image.Image], texts: list[str]) -> list[dict[str, np.ndarray]]:
-        """Per-word (R, R) maps of each whole image. Images of different input sizes run as separate batches."""
+    def __call__(self, images: list[Image.Image], texts: list[str]) -> list[WordMaps]:
+        """Per-word (R, R) maps of each whole image, with their ranges before normalisation. Images of different
+        input sizes run as separate batches."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
             groups.setdefault(self.input_size(image), []).append(i)
-        out: list[dict[str, np.ndarray]] = [{} for _ in images]
+        out: list[WordMaps] = [WordMaps() for _ in images]
         for size, members in groups.items():
             maps = self.run([images[i] for i in members], [texts[i] for i in members], size)
             for i, m in zip(members, maps):
@@ -201,7 +215,7 @@ class Extractor:
         return out
 
     @torch.no_grad()
-    def run(self, images: list[Image.Image], texts: list[str], size: tuple[int, int]) -> list[dict[str, np.ndarray]]:
+    def run(self, images: list[Image.Image], texts: list[str], size: tuple[int, int]) -> list[WordMaps]:
         """One batch whose images all go to the VAE at `size` = (width, height)."""
         pipe, b = self.pipe, len(images)
         x = torch.stack([preprocess(im, size) for im in images]).to(self.device, self.dtype)  # (B, 3, H, W)
@@ -409,7 +423,7 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
                 results = extractor([im for _, im, _ in ok], [t for _, _, t in ok])
                 for (sample, image, _), maps in zip(ok, results):
                     if maps:
-                        writer.add(sample.id, maps, image_size=image.size)
+                        writer.add(sample.id, maps, image_size=image.size, ranges=maps.ranges)
                     else:
                         fail(sample.id, f"no words in its {cfg.text}")
             bar.update(len(batch))

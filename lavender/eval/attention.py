@@ -5,6 +5,14 @@ the VLM's aggregated attention — raw (min-max normalised) or through a trained
 store like stage 1's, so `lavender eval grounding` scores it against word masks the same way, and the
 grounding of a VLM before and after Lavender is comparable with the teacher's. Its maps cover the whole
 image (frame "full"): the part the VLM sees is drawn where it lies, and the rest (a centre crop's sides) is 0.
+
+For raw maps the store also keeps, per map, its minimum and maximum before min-max normalisation and, per
+sample, the part of the image the VLM sees (its "view"), so that `AttentionTargets.distributions` gives the
+word's attention over the image keys renormalised to sum to 1, the VLM's counterpart of the teacher's
+distribution. A word that occurs several times gets the mean of its occurrences' normalised maps; its range is
+then the one for which the same recovery gives the occurrences' maps before normalisation averaged with
+weights 1 / (max - min) (the plain mean when their ranges agree): see `occurrence_range`. Maps through the
+Aligner are its output, not attention, and have no distribution.
 """
 
 from __future__ import annotations
@@ -69,6 +77,21 @@ def _alignment(model, cfg: AttentionMapsConfig, resolution: int, trained: Alignm
     return AttentionAlignment(adapter, layers, cfg.aggregation, AlignerConfig(resolution=resolution))
 
 
+def occurrence_range(ranges: list[tuple[float, float]]) -> tuple[float, float]:
+    """The (min, max) that recovers a word's maps before normalisation from the mean of its k occurrences'
+    min-max normalised maps.
+
+    With occurrence i's map x_i = lo_i + d_i m_i (d_i = max(hi_i - lo_i, 1e-12), as `min_max` divides) and
+    w_i = 1 / d_i, W = sum_i w_i, the mean m = (1/k) sum_i m_i satisfies
+    sum_i w_i x_i / W = lo + m (hi - lo) with lo = sum_i w_i lo_i / W and hi = lo + k / W. One occurrence
+    gives its own (lo, lo + d).
+    """
+    weights = [1 / max(hi - lo, 1e-12) for lo, hi in ranges]
+    total = sum(weights)
+    lo = sum(w * low for w, (low, _) in zip(weights, ranges)) / total
+    return lo, lo + len(ranges) / total
+
+
 @torch.no_grad()
 def write_attention_store(cfg: AttentionMapsConfig) -> Path:
     """Run the VLM over the samples and store one map per aligned word (repeated words averaged)."""
@@ -103,18 +126,28 @@ def write_attention_store(cfg: AttentionMapsConfig) -> Path:
         with alignment.capture(batch) as captured:
             model(**inputs)
         per_sample: dict[int, dict[str, list[torch.Tensor]]] = {b: {} for b in range(len(batch.sample_ids))}
+        ranges: dict[int, dict[str, list[tuple[float, float]]]] = {b: {} for b in per_sample}
         if batch.words:
             maps, order = alignment.word_maps(captured, batch)
-            pictures = alignment.predict(maps) if cfg.aligner else min_max(maps.mean(dim=(1, 2)))
-            for picture, i in zip(pictures, order):
+            if cfg.aligner:
+                pictures, lows, highs = alignment.predict(maps), None, None
+            else:
+                raw = maps.mean(dim=(1, 2))  # (words, R, R): attention of the word's rows at the image keys
+                lows, highs = raw.flatten(1).min(dim=1).values.tolist(), raw.flatten(1).max(dim=1).values.tolist()
+                pictures = min_max(raw)
+            for k, (picture, i) in enumerate(zip(pictures, order)):
                 b = int(batch.word_sample[i])
                 # drawn back onto the whole image: cells the VLM does not see (a centre crop's sides) stay 0
                 picture = resample(picture, FULL, picture.shape[-1], dst=batch.image_boxes[b])
                 per_sample[b].setdefault(batch.words[i].word, []).append(picture)
+                if lows is not None:
+                    ranges[b].setdefault(batch.words[i].word, []).append((lows[k], highs[k]))
         for b, words in per_sample.items():
             sample_id = batch.sample_ids[b]
+            kept = None if cfg.aligner else {w: occurrence_range(r) for w, r in ranges[b].items()}
             writer.add(sample_id, {w: torch.stack(m).mean(0) for w, m in words.items()},
-                       image_size=data.targets.image_size(sample_id) if sample_id in data.targets else None)
+                       image_size=data.targets.image_size(sample_id) if sample_id in data.targets else None,
+                       ranges=kept, view=None if cfg.aligner else batch.image_boxes[b])
     writer.flush()
     settings = {"resolution": data.targets.resolution, "text": data.text_source, "aligner": cfg.aligner,
                 "aggregation": alignment.aggregation, "layers": alignment.layers, "frame": "full"}

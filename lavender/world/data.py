@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from lavender.eval.grounding import read_masks, write_masks  # noqa: F401  (the masks format lives in eval)
 from lavender.utils.io import atomic_write, atomic_write_json
 from lavender.world.scenes import HELD_OUT, make_scene
 
@@ -81,13 +81,3 @@ def write_world(cfg: WorldDataConfig) -> Path:
     settings = {**asdict(cfg), "width": width, "height": height, "held_out": sorted(map(list, HELD_OUT))}
     atomic_write_json(out / "world.json", settings)
     return out
-
-
-def read_masks(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
-    """sample id -> {word: bool (H, W) mask} from a masks side file."""
-    masks: dict[str, dict[str, np.ndarray]] = {}
-    with safe_open(str(path), "np") as f:
-        for key in f.keys():
-            sample_id, word = key.rsplit("/", 1)
-            masks.setdefault(sample_id, {})[word] = f.get_tensor(key).astype(bool)
-    return masks
