@@ -133,14 +133,25 @@ def build_items(samples: list[Sample], fields: dict[str, dict], turns: str, inst
     return items, unanswered
 
 
-@torch.no_grad()
 def generate(model, processor, items: list[Item], images: list, max_new_tokens: int) -> list[str]:
-    """Greedy answers to a batch of items, the prompts padded on the left so every answer starts at the same
-    position; the decoded new tokens, special tokens skipped and ends stripped."""
+    """Greedy answers to a batch of items, one image each (`generate_replies`)."""
+    return generate_replies(model, processor, [item.messages for item in items], [[image] for image in images],
+                            max_new_tokens)
+
+
+@torch.no_grad()
+def generate_replies(model, processor, conversations: list[list[dict]], images: list[list], max_new_tokens: int
+                     ) -> list[str]:
+    """Greedy replies to a batch of chats, the prompts padded on the left so every reply starts at the same
+    position; the decoded new tokens, special tokens skipped and ends stripped.
+
+    conversations: chat messages (`{"role", "content"}`, content a list of `{"type": "image"}` and
+    `{"type": "text", "text"}` parts) ending with the turn to answer; images: per chat, the PIL images of its
+    image parts, in order. Chats without images are asked as text only when no chat of the batch has one."""
     tokenizer = getattr(processor, "tokenizer", processor)
-    texts = [processor.apply_chat_template(item.messages, tokenize=False, add_generation_prompt=True)
-             for item in items]
-    inputs = processor(text=texts, images=[[image] for image in images], return_tensors="pt", padding=True,
+    texts = [processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+             for messages in conversations]
+    inputs = processor(text=texts, images=images if any(images) else None, return_tensors="pt", padding=True,
                        add_special_tokens=adds_special_tokens(processor, texts[0])).to(model.device)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id)
@@ -209,17 +220,26 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def _load(cfg: AnswersConfig):
+def load_for_generation(model: str = "", adapter: str = "", device: str = ""):
+    """Model and processor ready for `generate_replies`: `model` (hub name or directory), or with `adapter` (a
+    `lavender train` output) the peft adapter merged into its base (`model`, else the base it records) or the
+    full model it holds; in eval mode on `device` (default: cuda if available, else cpu), the tokenizer padding
+    on the left, EOS as its pad token if it has none. Raises ValueError if neither is given,
+    FileNotFoundError if `adapter` is not a directory."""
     from lavender.train.merge import load_trained
     from lavender.train.trainer import load_vlm
 
-    model, processor = load_trained(cfg.adapter, cfg.model) if cfg.adapter else load_vlm(cfg.model)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not (model or adapter):
+        raise ValueError("a model (hub name or directory) or an adapter directory is required")
+    if adapter and not Path(adapter).is_dir():
+        raise FileNotFoundError(f"adapter directory not found: {adapter}")
+    vlm, processor = load_trained(adapter, model) if adapter else load_vlm(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"  # generation continues every prompt from the same last position
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), processor
+    return vlm.to(device).eval(), processor
 
 
 def run_answers(cfg: AnswersConfig) -> dict:
@@ -235,7 +255,7 @@ def run_answers(cfg: AnswersConfig) -> dict:
     items, unanswered = build_items(samples, record_fields(cfg.data), cfg.turns, cfg.instruction)
     if not items:
         raise ValueError(f"{cfg.data}: no sample has an answered {'first ' if cfg.turns == 'first' else ''}question")
-    model, processor = _load(cfg)
+    model, processor = load_for_generation(cfg.model, cfg.adapter, cfg.device)
     skipped: Counter = Counter({"samples without an answered question": unanswered} if unanswered else {})
     asked, predictions, images = [], [], {}
     bar = tqdm(total=len(items), desc="answers", unit="item")
