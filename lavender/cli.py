@@ -72,6 +72,22 @@ def cmd_eval_compare(args: argparse.Namespace) -> None:
     print(format_comparison(report))
 
 
+def cmd_eval_diagnostics(args: argparse.Namespace) -> None:
+    from lavender.data.targets import AttentionTargets
+    from lavender.eval.grounding import format_diagnostics, read_masks, store_diagnostics
+    from lavender.world.scenes import word_type
+
+    maps = AttentionTargets(args.maps)
+    targets = AttentionTargets(args.targets) if args.targets else None
+    masks = read_masks(args.masks) if args.masks else None
+    report = store_diagnostics(maps, targets, masks, word_type)
+    names = {"maps": args.maps, "targets": args.targets}
+    if args.out:
+        Path(args.out).write_text(json.dumps({"stores": {k: v for k, v in names.items() if v}, **report},
+                                             indent=2) + "\n")
+    print(format_diagnostics(report, names))
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from lavender.data.authors_layout import export_authors_layout
     from lavender.data.samples import read_samples
@@ -130,10 +146,18 @@ def cmd_world_vlm(args: argparse.Namespace) -> None:
     print(f"base VLM: {pretrain_base_vlm(config_from_args(PretrainConfig, args))}")
 
 
+def cmd_world_experiment(args: argparse.Namespace) -> None:
+    from lavender.world.experiment import ExperimentConfig, run_experiment
+    from lavender.world.study_report import headline
+
+    report = run_experiment(config_from_args(ExperimentConfig, args))
+    print(headline(report))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from lavender.world.demo import run_demo
 
-    run_demo(Path(args.out), args.scenes, args.train_scenes, args.steps)
+    run_demo(Path(args.out), args.train_scenes, args.test_scenes, args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lavender.train.config import TrainConfig
     from lavender.world.base_vlm import PretrainConfig
     from lavender.world.data import WorldDataConfig
+    from lavender.world.experiment import ExperimentConfig
     from lavender.world.teacher import TeacherConfig
 
     parser = argparse.ArgumentParser(
@@ -201,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.add_parser("compare", help="paired bootstrap of two `eval answers` prediction files on the same items")
     add_dataclass_args(p, CompareConfig)
     p.set_defaults(func=cmd_eval_compare)
+    p = ev.add_parser("diagnostics", help="entropy of a store's attention distributions, its alignment MSE against "
+                                          "another store, and its grounding against word masks",
+                      description="Entropy needs a store that keeps distributions (written by `lavender extract` "
+                                  "or `lavender eval attention` since they are kept).")
+    p.add_argument("--maps", required=True, help="a store, e.g. a VLM's attention from `lavender eval attention`")
+    p.add_argument("--targets", default="", help="a second store (e.g. the teacher's) for entropy and alignment MSE")
+    p.add_argument("--masks", default="", help="word masks file for grounding (format in docs/eval.md)")
+    p.add_argument("--out", default="", help="also write the report as JSON here")
+    p.set_defaults(func=cmd_eval_diagnostics)
 
     tg = sub.add_parser("targets", help="convert targets stores").add_subparsers(dest="targets", required=True,
                                                                                 metavar="WHAT")
@@ -241,12 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = wd.add_parser("vlm", help="pretrain the shapes world's base VLM (Mllama layout; resumable)")
     add_dataclass_args(p, PretrainConfig)
     p.set_defaults(func=cmd_world_vlm)
+    p = wd.add_parser("experiment", help="the controlled study: arms x seeds, evaluated on held-out, OOD and "
+                                         "non-square scenes, with a report (resumable)",
+                      description="Fine-tune the shipped base VLM on shapes-world scenes in several arms (no "
+                                  "fine-tuning, autoregressive, Lavender, ground-truth-mask oracle, aggregation and "
+                                  "other ablations), each with several seeds; score answers, captions and the VLM's "
+                                  "own attention; write <out>/report/report.md with figures. Rerun the same command "
+                                  "to resume: finished runs are kept.")
+    add_dataclass_args(p, ExperimentConfig)
+    p.set_defaults(func=cmd_world_experiment)
 
-    p = sub.add_parser("demo", help="the main job on the shapes world: data, stage 1, stage 2, grounding, overlays")
-    p.add_argument("--out", default="demo-output", help="output directory")
-    p.add_argument("--scenes", type=int, default=200, help="held-out test scenes (and half as many OOD)")
-    p.add_argument("--train-scenes", type=int, default=300, help="training scenes for stage 2")
-    p.add_argument("--steps", type=int, default=150, help="stage-2 training steps")
+    p = sub.add_parser("demo", help="the main job: a reduced shapes-world study (world, stage 1, autoregressive "
+                                    "against Lavender against the oracle, evaluation, report)")
+    p.add_argument("--out", default="demo-output", help="output directory (rerun to resume)")
+    p.add_argument("--train-scenes", type=int, default=0, help="fine-tuning scenes (0: the demo preset's)")
+    p.add_argument("--test-scenes", type=int, default=0, help="held-out test scenes (0: the demo preset's)")
+    p.add_argument("--steps", type=int, default=0, help="stage-2 steps per arm (0: the demo preset's)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -31,29 +31,24 @@ def test_shipped_base_vlm_loads_with_its_processor():
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
 
 
-def test_demo_runs_both_stages_and_scores_them(tmp_path, capsys):
-    results = run_demo(tmp_path / "demo", scenes=24, train_scenes=24, steps=6)
+def test_demo_runs_the_reduced_study_and_prints_its_headline(tmp_path, capsys):
+    report = run_demo(tmp_path / "demo", train_scenes=16, test_scenes=12, steps=4, ood_scenes=6, wide_scenes=4)
     printed = capsys.readouterr().out
-    assert "Grounding" in printed and str(tmp_path / "demo" / "overlays") in printed
-    assert json.loads((tmp_path / "demo" / "grounding.json").read_text()) == results
-    assert len(list((tmp_path / "demo" / "overlays").glob("*.png"))) == 6
+    assert f"report: {report}" in printed and report.exists()
+    headline = printed[printed.index("question accuracy (exact match"):]
+    for arm in ("base", "ar", "lavender", "oracle"):
+        assert f"\n{arm} " in headline
+    results = json.loads((report.parent / "results.json").read_text())
+    assert {(r["arm"], r["seed"]) for r in results["runs"]} == {("base", 0), ("ar", 0), ("lavender", 0), ("oracle", 0)}
     teacher = results["teacher"]
-    for split in ("test", "ood"):
-        for kind in ("colour", "shape"):
-            chance = teacher[split]["chance_pointing"][kind]
-            # far above chance (about 0.07); the documented figures on 1,000 scenes are higher
-            assert teacher[split][kind]["pointing"] > max(0.6, 5 * chance), (split, kind, teacher[split])
-    for name in ("vlm_before", "vlm_after", "aligner_after"):
-        for split in ("test", "ood"):
-            assert results[name][split]["all"]["n"] == teacher[split]["all"]["n"]  # every word the teacher mapped
-    # stage 2 trained: the aligned words matched at every step, the Aligner learned, and the VLM's own maps moved
-    steps = [json.loads(line) for line in (tmp_path / "demo" / "stage2" / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) == 6 and all(r["matched_words"] > 0 for r in steps)
-    first, last = results["stage2"]["L_att"]
-    assert last < first
-    before, after, aligner = (AttentionTargets(tmp_path / "demo" / f"vlm-{name}-test")
-                              for name in ("before", "after", "aligner"))
+    for kind in ("colour", "shape"):
+        # far above chance (about 0.07); the documented figures on hundreds of scenes are higher
+        assert teacher[kind]["pointing"] > max(0.6, 5 * teacher["chance"][kind]), teacher
+    # stage 2 trained: the aligned words matched at every step and the VLM's own maps moved
+    run = tmp_path / "demo" / "runs" / "lavender" / "n16" / "seed0"
+    steps = [json.loads(line) for line in (run / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 4 and all(r["matched_words"] > 0 for r in steps)
+    before = AttentionTargets(tmp_path / "demo" / "runs" / "base" / "n16" / "seed0" / "attention-test")
+    after = AttentionTargets(run / "attention-test")
     moved = [np.abs(after[sid][w] - before[sid][w]).mean() for sid in before for w in before[sid]]
-    through = [np.abs(aligner[sid][w] - after[sid][w]).mean() for sid in after for w in after[sid]]
-    assert np.mean(moved) > 1e-4  # the LoRA adapter changed the VLM's attention (measured about 3e-3)
-    assert np.mean(through) > 0.05  # the Aligner's maps are not the raw attention
+    assert np.mean(moved) > 1e-4  # the LoRA adapter changed the VLM's attention

@@ -118,7 +118,8 @@ def test_cider_d_as_pycocoevalcap_and_perfect_corpus():
     ("Is the blue triangle left of the purple square?", "yes/no"),
     ("Are there two squares?", "yes/no"),
     ("Describe the image.", "caption"),
-    ("Where is the circle?", "other"),
+    ("Where is the circle?", "where"),
+    ("Whereabouts", "other"),
     ("Isolate the square", "other"),
 ])
 def test_question_type_rule(question, kind):

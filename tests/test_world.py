@@ -654,3 +654,32 @@ def test_build_merges_make_each_word_one_symbol():
     assert len(set(merges)) == len(merges)
     for w in words:
         assert _apply_bpe(list(w[:-1]) + [w[-1] + "</w>"], ranks) == [w + "</w>"]
+
+
+def test_locate_questions_name_one_object_and_its_third(tmp_path, world_dir):
+    """With --locate each scene gets one more question, about an object whose name is unique, answered with the
+    third of the width its centre lies in; everything else is the world without it, byte for byte."""
+    from lavender.world.data import WorldDataConfig, write_world
+    from lavender.world.scenes import THIRDS
+
+    _, plain = world_dir
+    out = write_world(WorldDataConfig(out=str(tmp_path / "loc"), seed=3, size=32, train=5, test=3, ood=4,
+                                      locate=True))
+    asked = 0
+    for split in ("train", "test", "ood"):
+        for r, p in zip(json.loads((out / f"{split}.json").read_text()),
+                        json.loads((plain / f"{split}.json").read_text())):
+            assert r["conversations"][: len(p["conversations"])] == p["conversations"]
+            extra = r["conversations"][len(p["conversations"]):]
+            names = [f"{o['colour']} {o['shape']}" for o in r["objects"]]
+            if not extra:
+                assert all(names.count(n) > 1 for n in names)
+                continue
+            asked += 1
+            question, answer = extra[0]["value"], extra[1]["value"]
+            name = question.removeprefix("Where is the ").removesuffix("?")
+            assert names.count(name) == 1
+            box = r["objects"][names.index(name)]["box"]
+            centre = (box[0] + box[2]) / 2
+            assert answer == THIRDS[min(2, int(3 * centre / 32))]
+    assert asked >= 10

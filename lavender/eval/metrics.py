@@ -154,6 +154,7 @@ _TYPE_RULES = (
     ("count", re.compile(r"^how many ")),
     ("shape", re.compile(r"^what shapes? ")),
     ("yes/no", re.compile(r"^(is|are|does|do|can|was|were|has|have) (there|the|this|that|it|a|an) ")),
+    ("where", re.compile(r"^where ")),
     ("caption", re.compile(r"^(describe|caption|write a caption|give a (short |brief )?(description|caption))\b")),
 )
 
@@ -161,7 +162,7 @@ _TYPE_RULES = (
 def question_type(question: str) -> str:
     """The kind of a question, from its opening words (case-insensitive): "what colour/color ..." -> "colour",
     "how many ..." -> "count", "what shape ..." -> "shape", "is/are/does/do/can/was/were/has/have" followed
-    by "there/the/this/that/it/a/an" -> "yes/no", "describe ..." or a caption request -> "caption", anything
-    else -> "other"."""
+    by "there/the/this/that/it/a/an" -> "yes/no", "where ..." -> "where", "describe ..." or a caption request
+    -> "caption", anything else -> "other"."""
     text = " ".join(question.lower().split()) + " "
     return next((kind for kind, rule in _TYPE_RULES if rule.search(text)), "other")

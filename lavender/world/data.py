@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from lavender.eval.grounding import read_masks, write_masks  # noqa: F401  (the masks format lives in eval)
 from lavender.utils.io import atomic_write, atomic_write_json
-from lavender.world.scenes import HELD_OUT, make_scene
+from lavender.world.scenes import HELD_OUT, locate_question, make_scene
 
 SPLITS = ("train", "test", "ood")
 
@@ -36,6 +36,9 @@ class WorldDataConfig:
     test: int = field(default=200, metadata={"help": "held-out in-distribution scenes"})
     ood: int = field(default=200, metadata={"help": "scenes with held-out colour-shape combinations"})
     max_objects: int = field(default=4, metadata={"help": "objects per scene, at most"})
+    locate: bool = field(default=False, metadata={
+        "help": "add a question 'Where is the <colour> <shape>?' (left, middle or right third) to each scene, "
+                "drawn from its own random stream so the scenes are the same with or without it"})
 
     def __post_init__(self) -> None:
         if self.size < 16:
@@ -72,7 +75,11 @@ def write_world(cfg: WorldDataConfig) -> Path:
             sample_id = f"{split}-{i:06d}"
             image = f"images/{sample_id}.png"
             atomic_write(out / image, lambda tmp, im=scene.image: im.save(tmp, format="PNG"))
-            records.append(record(sample_id, image, scene.caption, scene.qa, scene.objects))
+            qa = list(scene.qa)
+            if cfg.locate:
+                asked = locate_question(random.Random(f"locate-{cfg.seed}-{split}-{i}"), scene.objects, cfg.canvas[0])
+                qa += [asked] if asked else []
+            records.append(record(sample_id, image, scene.caption, qa, scene.objects))
             for word, m in scene.word_masks().items():
                 masks[f"{sample_id}/{word}"] = torch.from_numpy(m.astype(np.uint8))
         atomic_write_json(out / f"{split}.json", records)

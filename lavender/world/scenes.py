@@ -212,6 +212,23 @@ def questions_for(rng: random.Random, objects: list[SceneObject], combos: list[t
     return makers[:n]
 
 
+THIRDS = ("left", "middle", "right")
+
+
+def locate_question(rng: random.Random, objects: list[SceneObject], width: int) -> tuple[str, str] | None:
+    """"Where is the <colour> <shape>?" about one object whose name no other object shares, answered with the
+    third of the image its centre lies in ("left", "middle" or "right"); None if every name is shared.
+
+    Answering needs the named object found among the others and its position read, so it depends on where
+    the VLM's attention to the object's words falls."""
+    names = [o.name for o in objects]
+    unique = [o for o in objects if names.count(o.name) == 1]
+    if not unique:
+        return None
+    o = rng.choice(unique)
+    return f"Where is the {o.name}?", THIRDS[min(2, int(3 * o.centre[0] / width))]
+
+
 def allowed_combos(split: str) -> list[tuple[str, str]]:
     """Colour-shape combinations a split may draw from; `ood` scenes hold at least one held-out one."""
     every = [(c, s) for c in COLOURS for s in SHAPES]
