@@ -180,14 +180,16 @@ def test_build_parser_subcommands():
     args = parser.parse_args(["eval", "grounding", "--targets", "t", "--masks", "m.safetensors"])
     assert (args.targets, args.masks, args.out) == ("t", "m.safetensors", "")
     args = parser.parse_args(["demo"])
-    assert (args.out, args.scenes) == ("demo-output", 200)
+    assert (args.out, args.steps) == ("demo-output", 0)  # 0: the demo preset's
+    args = parser.parse_args(["world", "experiment", "--name", "x", "--arms", "ar", "oracle", "--seeds", "2"])
+    assert (args.name, args.arms, args.seeds, args.preset) == ("x", ["ar", "oracle"], 2, None)
     with pytest.raises(SystemExit):
         parser.parse_args([])  # a subcommand is required
 
 
 @pytest.mark.parametrize("argv", [
     [], ["extract"], ["viz"], ["eval"], ["eval", "grounding"], ["targets"], ["targets", "export"],
-    ["targets", "import"], ["world"], ["world", "data"], ["world", "teacher"], ["demo"],
+    ["targets", "import"], ["world"], ["world", "data"], ["world", "teacher"], ["world", "experiment"], ["demo"],
 ])
 def test_help_for_each_subcommand_exits_zero(argv, capsys):
     from lavender.cli import main
