@@ -114,13 +114,18 @@ class ExperimentConfig:
         self.out = self.out or str(Path("runs") / self.name)
 
     def runs(self) -> list[tuple[str, int, int]]:
-        """Every (arm, training-set size, seed) of the study, in the order they run: the main arms seed by seed
-        (so a study cut short still has every arm at its first seeds), then the scaling sweep."""
-        order = [(arm, self.train_scenes, seed) for seed in range(self.seeds) for arm in self.arms
-                 if ARMS[arm].trains]
-        order += [(arm, n, seed) for n in self.scaling for seed in range(self.seeds)
-                  for arm in ("ar", "lavender", "oracle") if arm in self.arms]
-        return order
+        """Every (arm, training-set size, seed) of the study, in the order they run (see `phases`)."""
+        return [run for _, runs in self.phases() for run in runs]
+
+    def phases(self) -> list[tuple[str, list[tuple[str, int, int]]]]:
+        """The runs in three named phases: the main arms (`ar`, `lavender`, `oracle`) at every seed, then the
+        data-scaling sweep, then the other arms seed by seed. A study cut short therefore has its headline
+        comparison complete first, and every other arm at its first seeds before any arm gets a later one."""
+        main = [a for a in CURVE_ARMS if a in self.arms]
+        others = [a for a in self.arms if ARMS[a].trains and a not in main]
+        return [("main arms", [(a, self.train_scenes, s) for s in range(self.seeds) for a in main]),
+                ("data scaling", [(a, n, s) for n in self.scaling for s in range(self.seeds) for a in main]),
+                ("ablations", [(a, self.train_scenes, s) for s in range(self.seeds) for a in others])]
 
 
 _PRESET_VALUES: dict[str, dict] = {
@@ -324,7 +329,7 @@ def run_curve(cfg: ExperimentConfig, paths: dict[str, Path], arm: str) -> list[d
 
 # -- the study ---------------------------------------------------------------------------------------------------
 def run_experiment(cfg: ExperimentConfig) -> Path:
-    """Run (or resume) the whole study and write its report; returns the report's path."""
+    """Run (or resume) the whole study, rewriting its report after each phase; returns the report's path."""
     from lavender.world.study_report import write_report
 
     start = time.time()
@@ -336,18 +341,22 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     if "base" in cfg.arms:
         _stage("evaluating the base VLM")
         results.append(run_one(cfg, paths, "base", cfg.train_scenes, 0))
-    todo = cfg.runs()
-    for i, (arm, size, seed) in enumerate(todo, 1):
-        done = (run_dir(cfg, arm, size, seed) / "result.json").exists()
-        _stage(f"run {i}/{len(todo)}: {arm}, {size} scenes, seed {seed}{' (done)' if done else ''}")
-        results.append(run_one(cfg, paths, arm, size, seed))
-    curves = {}
-    if cfg.curve_every:
-        for arm in CURVE_ARMS:
-            if arm in cfg.arms:
-                _stage(f"over training: {arm}")
-                curves[arm] = run_curve(cfg, paths, arm)
-    _stage("report")
+    curves: dict[str, list[dict]] = {}
+    total, i = len(cfg.runs()), 0
+    for phase, runs in cfg.phases():
+        for arm, size, seed in runs:
+            i += 1
+            done = (run_dir(cfg, arm, size, seed) / "result.json").exists()
+            _stage(f"run {i}/{total} ({phase}): {arm}, {size} scenes, seed {seed}{' (done)' if done else ''}")
+            results.append(run_one(cfg, paths, arm, size, seed))
+        if phase == "main arms" and cfg.curve_every:
+            for arm in CURVE_ARMS:
+                if arm in cfg.arms:
+                    _stage(f"over training: {arm}")
+                    curves[arm] = run_curve(cfg, paths, arm)
+        if runs:
+            _stage(f"report after the {phase}")
+            report = write_report(cfg, paths, results, curves)
     report = write_report(cfg, paths, results, curves)
     _stage(f"study done in {time.time() - start:.0f}s")
     return report
