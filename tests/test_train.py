@@ -163,3 +163,58 @@ def test_bf16_with_gradient_checkpointing_runs(llava_dir, tiny_world, oracle, tm
                gradient_checkpointing=True, grad_accum=2, batch_size=2))
     rows = metrics(tmp_path / "bf16")
     assert len(rows) == 2 and all(r["L_VLM"] > 0 and r["matched_words"] > 0 for r in rows)
+
+
+# -- the saved adapter ----------------------------------------------------------------------------------------------
+def _lora_objective(model):
+    from lavender.align.aligner import AlignerConfig
+    from lavender.train.objective import build_objective
+    from lavender.train.trainer import load_model, load_processor, select_parameters
+
+    cfg = TrainConfig(model=str(model), lora_dropout=0.0, report_to="none")
+    objective = build_objective(select_parameters(load_model(cfg.model), cfg), False, (), "heads", AlignerConfig())
+    return objective, load_processor(cfg.model), cfg
+
+
+def test_lora_inside_wrapped_layers_saves_every_adapter_weight(llava_dir, tmp_path):
+    """FSDP wraps each layer it shards in place, so module names carry `_fsdp_wrapped_module.` where the state dict
+    gathered from the shards has none; torch's activation-checkpoint wrapper does the same with
+    `_checkpoint_wrapped_module.`, and needs no process group. The adapter saved from such a model with such a state
+    dict holds every LoRA weight, equal to the one saved from the plain model, and the wrappers are back afterwards."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
+
+    from lavender.train.trainer import save_final
+
+    objective, processor, cfg = _lora_objective(llava_dir)
+    for name, p in objective.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    plain = load_file(save_final(objective, processor, tmp_path / "plain", cfg) / "adapter_model.safetensors")
+    layers = objective.vlm.get_base_model().model.language_model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer)
+    assert any("._checkpoint_wrapped_module." in name for name, _ in objective.named_modules())
+    state = objective.state_dict()
+    assert not any("_checkpoint_wrapped_module" in k for k in state)  # the names of a gathered state dict
+    final = save_final(objective, processor, tmp_path / "wrapped", cfg, state)
+    wrapped = load_file(final / "adapter_model.safetensors")
+    assert len(plain) == 4 * 2 * len(layers) and wrapped.keys() == plain.keys()  # q, k, v, o; A and B
+    for key in plain:
+        torch.testing.assert_close(wrapped[key], plain[key], rtol=0, atol=0)
+    assert all(isinstance(layer, CheckpointWrapper) for layer in layers)
+
+
+def test_an_adapter_saved_without_its_weights_is_refused(llava_dir, tmp_path):
+    """An adapter missing any weight training changed (peft finds its entries by name, so a naming mismatch loses
+    them silently) is not written as the final output."""
+    from lavender.train.trainer import IncompleteSaveError, save_final, trainable_count
+
+    objective, processor, cfg = _lora_objective(llava_dir)
+    trained = trainable_count(objective.vlm)
+    state = objective.state_dict()
+    for kept, count in ((lambda k: "lora_" not in k, "0"), (lambda k: "layers.0." not in k or "lora_" not in k,
+                                                            r"[1-9][\d,]*")):
+        with pytest.raises(IncompleteSaveError, match=rf"holds {count} of the {trained:,} weights training changed"):
+            save_final(objective, processor, tmp_path, cfg, {k: v for k, v in state.items() if kept(k)})
+        assert not (tmp_path / "final").exists()
+    assert save_final(objective, processor, tmp_path, cfg, state) == tmp_path / "final"

@@ -180,3 +180,26 @@ def test_data_whose_images_cannot_be_read_stops_before_training(tiny_world, tmp_
                           out=str(tmp_path / f"run-{targets or 'plain'}"), steps=2, batch_size=2, report_to="none")
         with pytest.raises(CoverageError, match="unreadable images"):
             Trainer(cfg)
+
+
+def test_fsdp_with_weights_of_two_dtypes_is_refused_with_the_fix(llava_dir, tiny_world, oracle, tmp_path,
+                                                                  monkeypatch):
+    """FSDP flattens each unit into one tensor of one dtype, so bf16 frozen weights beside float32 trainable ones
+    stop it (`Must flatten tensors with uniform dtype`) after the model is loaded and sharding begins. The run refuses
+    --dtype bfloat16 under FSDP before loading anything, and `--dtype auto` that loads bf16 weights before sharding."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    monkeypatch.setattr(Trainer, "_flat_fsdp", property(lambda self: True))
+    fix = r"load with --dtype float32 and compute in bf16 with --mixed-precision bf16"
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module, "load_model", lambda *a: pytest.fail("the model was loaded before the check"))
+        with pytest.raises(ValueError, match=rf"--dtype bfloat16 keeps frozen weights in another dtype .*{fix}"):
+            Trainer(_cfg(llava_dir, tiny_world, oracle, tmp_path / "run", dtype="bfloat16", mixed_precision="bf16"))
+    bf16 = tmp_path / "bf16-checkpoint"
+    AutoModelForImageTextToText.from_pretrained(llava_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoProcessor.from_pretrained(llava_dir).save_pretrained(bf16)
+    with pytest.raises(ValueError, match=rf"loaded with weights in bfloat16 \(--dtype auto\) keeps .*{fix}"):
+        Trainer(_cfg(bf16, tiny_world, oracle, tmp_path / "auto", dtype="auto", mixed_precision="bf16"))
+    trainer = Trainer(_cfg(llava_dir, tiny_world, oracle, tmp_path / "float32", mixed_precision="bf16"))
+    assert {p.dtype for p in trainer.objective.parameters()} == {torch.float32}  # what FSDP can flatten

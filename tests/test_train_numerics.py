@@ -163,6 +163,47 @@ def test_a_dtype_without_its_autocast_is_refused(llava_dir, tiny_world, oracle, 
         Trainer(_cfg(bf16, tiny_world, oracle, tmp_path / "auto", dtype="auto"))
 
 
+# -- mixed precision: the flag, else the launcher's -----------------------------------------------------------------
+def test_precision_is_the_flag_else_the_launchers_else_no():
+    from lavender.train.config import resolve_precision
+
+    assert resolve_precision("", "") == "no"
+    assert resolve_precision("", "bf16") == "bf16" and resolve_precision("", "BF16") == "bf16"
+    assert resolve_precision("fp16", "") == "fp16" and resolve_precision("bf16", "bf16") == "bf16"
+    # `accelerate launch` sets "no" when it was given nothing, so its "no" yields to the flag
+    assert resolve_precision("bf16", "no") == "bf16" and resolve_precision("", "no") == "no"
+    for given, launcher in (("no", "bf16"), ("fp16", "bf16"), ("bf16", "fp16")):
+        with pytest.raises(ValueError, match=rf"--mixed-precision {given} disagrees with the launcher's mixed "
+                                             rf"precision {launcher} \(ACCELERATE_MIXED_PRECISION"):
+            resolve_precision(given, launcher)
+    with pytest.raises(ValueError, match=r"the launcher's mixed precision fp8 .* is not one"):
+        resolve_precision("", "fp8")
+
+
+def test_the_launchers_mixed_precision_is_used(llava_dir, tiny_world, oracle, tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` (or a config file's `mixed_precision: bf16`) hands its processes
+    ACCELERATE_MIXED_PRECISION=bf16: without --mixed-precision the run autocasts in bf16, so bf16 weights are
+    accepted; a --mixed-precision that disagrees is refused when the config is read."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    trainer = Trainer(_cfg(llava_dir, tiny_world, oracle, tmp_path / "run", steps=1, dtype="bfloat16"))
+    assert trainer.cfg.mixed_precision == "" and trainer.accelerator.mixed_precision == "bf16"
+    frozen = {p.dtype for p in trainer.objective.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}
+    final = trainer.run()
+    assert metrics(tmp_path / "run")[0]["L_VLM"] > 0
+    assert json.loads((final / "lavender_train.json").read_text())["mixed_precision"] == "bf16"
+    for given in ("no", "fp16"):
+        with pytest.raises(ValueError, match=f"--mixed-precision {given} disagrees with the launcher's"):
+            _cfg(llava_dir, tiny_world, oracle, tmp_path / "refused", mixed_precision=given)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what `accelerate launch` sets when given none
+    assert Trainer(_cfg(llava_dir, tiny_world, oracle, tmp_path / "flag", mixed_precision="bf16")
+                   ).accelerator.mixed_precision == "bf16"
+    assert Trainer(_cfg(llava_dir, tiny_world, oracle, tmp_path / "none")).accelerator.mixed_precision == "no"
+    with pytest.raises(ValueError, match=r"--dtype bfloat16 .* add --mixed-precision bf16 \(or launch with "
+                                         r"--mixed_precision bf16\); mixed precision is no now"):
+        _cfg(llava_dir, tiny_world, oracle, tmp_path / "run", dtype="bfloat16")
+
+
 # -- fp16 loss scaling: skip and go on --------------------------------------------------------------------------
 def _with_grad_scaler(trainer: Trainer, init_scale: float, backoff: float = 0.5) -> torch.amp.GradScaler:
     """What accelerate sets up for fp16 on a GPU, done by hand: on CPU it uses no GradScaler (and no autocast), so

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from lavender.align.aggregate import AGGREGATIONS
@@ -13,6 +14,31 @@ SCHEDULES = ("cosine", "linear", "constant", "step")
 PRECISIONS = ("no", "fp16", "bf16")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 AUTOCAST = {"bfloat16": "bf16", "float16": "fp16"}  # the --mixed-precision a --dtype needs
+LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"  # what `accelerate launch` hands its processes
+
+
+def resolve_precision(given: str, launcher: str) -> str:
+    """The mixed precision a run uses: `--mixed-precision` (`given`) if set, else the launcher's (`launcher`: the
+    value of ACCELERATE_MIXED_PRECISION, which `accelerate launch` sets from its `--mixed_precision` or its config
+    file's `mixed_precision`), else "no".
+
+    `accelerate launch` sets that variable to "no" also when it was given no precision at all, so a launcher's "no"
+    cannot be told from no setting: it yields to `given`. A launcher's fp16 or bf16 is a setting.
+
+    Raises ValueError if `given` and the launcher's fp16 or bf16 disagree, or if the launcher's value is not one of
+    PRECISIONS (e.g. fp8) and `given` does not override it."""
+    launcher = launcher.strip().lower()
+    if given and launcher not in ("", "no") and launcher != given:
+        raise ValueError(f"--mixed-precision {given} disagrees with the launcher's mixed precision {launcher} "
+                         f"({LAUNCHER_PRECISION}, set by `accelerate launch --mixed_precision` or the "
+                         "`mixed_precision` of its config file): give both the same value, or leave out "
+                         "--mixed-precision to use the launcher's")
+    if given:
+        return given
+    if launcher and launcher not in PRECISIONS:
+        raise ValueError(f"the launcher's mixed precision {launcher} ({LAUNCHER_PRECISION}) is not one `lavender "
+                         f"train` supports {PRECISIONS}: launch with one of those")
+    return launcher or "no"
 
 
 @dataclass
@@ -68,8 +94,10 @@ class TrainConfig:
     step_every: int = field(default=0, metadata={"help": "step schedule: decay every N steps (0: steps // 3)"})
     step_gamma: float = field(default=0.1, metadata={"help": "step schedule: decay factor"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
-    mixed_precision: str = field(default="no", metadata={
-        "help": "no|fp16|bf16: autocast (fp16 with loss scaling; a step whose gradients overflow is skipped)"})
+    mixed_precision: str = field(default="", metadata={
+        "help": "no|fp16|bf16: autocast (fp16 with loss scaling; a step whose gradients overflow is skipped). Not "
+                "given: the launcher's (`accelerate launch --mixed_precision`, or its config file's), else no; "
+                "given, it must agree with a launcher's fp16 or bf16"})
     dtype: str = field(default="float32", metadata={
         "help": "|".join(DTYPES) + ": the dtype the model's frozen weights are loaded in (auto: the checkpoint's). "
                 "Trainable parameters (LoRA, unfrozen modules, the Aligner, W_Qd/W_Kd) are always float32. "
@@ -90,7 +118,7 @@ class TrainConfig:
         self.layers = tuple(int(i) for i in self.layers)
         checks = [(self.aggregation, AGGREGATIONS, "--aggregation"), (self.match, MATCH_MODES, "--match"),
                   (self.align_position, POSITIONS, "--align-position"), (self.schedule, SCHEDULES, "--schedule"),
-                  (self.mixed_precision, PRECISIONS, "--mixed-precision"), (self.dtype, DTYPES, "--dtype")]
+                  (self.mixed_precision, ("", *PRECISIONS), "--mixed-precision"), (self.dtype, DTYPES, "--dtype")]
         for value, allowed, flag in checks:
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {allowed}, got {value!r}")
@@ -113,10 +141,19 @@ class TrainConfig:
             raise ValueError("--keep-checkpoints must be at least 1")
         if self.lam < 0 or self.aligner_pretrain_steps < 0:
             raise ValueError("--lam and --aligner-pretrain-steps must not be negative")
-        if self.dtype in AUTOCAST and self.mixed_precision != AUTOCAST[self.dtype]:
+        precision = self.precision  # a disagreement with the launcher stops the run here
+        if self.dtype in AUTOCAST and precision != AUTOCAST[self.dtype]:
             raise ValueError(f"--dtype {self.dtype} keeps frozen weights in {self.dtype} and trainable ones in "
-                             f"float32, which only autocast can mix: add --mixed-precision {AUTOCAST[self.dtype]}")
+                             f"float32, which only autocast can mix: add --mixed-precision {AUTOCAST[self.dtype]} "
+                             f"(or launch with --mixed_precision {AUTOCAST[self.dtype]}); mixed precision is "
+                             f"{precision} now")
         self.aligner(1)  # validates the Aligner fields early
+
+    @property
+    def precision(self) -> str:
+        """The mixed precision this run uses: `--mixed-precision`, else the launcher's, else "no" (see
+        `resolve_precision`, which raises ValueError on a disagreement)."""
+        return resolve_precision(self.mixed_precision, os.environ.get(LAUNCHER_PRECISION, ""))
 
     @property
     def aligns(self) -> bool:

@@ -21,7 +21,7 @@ import shutil
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from lavender.align.config import ALIGNER_DIR, WEIGHTS_NAME, AlignmentConfig
 from lavender.data.samples import Sample
 from lavender.data.targets import FAILURES_FILE, AttentionTargets
-from lavender.train.config import AUTOCAST, TrainConfig
+from lavender.train.config import AUTOCAST, LAUNCHER_PRECISION, TrainConfig
 from lavender.train.data import (
     EVENTS,
     Batch,
@@ -60,6 +60,10 @@ TRAINABLE_FILE = "trainable.safetensors"
 COVERAGE_PROBE = 32  # samples with targets encoded before training to see that their words are found
 LOW_COVERAGE = 0.5  # below this share of samples with targets, or of their words matched, warn
 MAX_SKIPPED_IN_A_ROW = 20  # fp16 steps skipped for overflowing gradients, one after another, before the run stops
+# the attributes through which FSDP units and activation-checkpoint wrappers hold the module they wrap; their names
+# are the prefixes FSDP's state dicts leave out
+WRAPPER_ATTRIBUTES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what peft's `save_pretrained` writes
 
 
 class TrainingError(ValueError):
@@ -69,6 +73,10 @@ class TrainingError(ValueError):
 
 class CoverageError(ValueError):
     """The targets store cannot align this data: alignment training would silently be plain fine-tuning."""
+
+
+class IncompleteSaveError(ValueError):
+    """The adapter about to become `final/` does not hold every weight training changed; it is not moved there."""
 
 
 class Progress:
@@ -239,6 +247,27 @@ def select_parameters(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return model
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of `model`'s layers (a peft model: of its base model), with no input
+    made to require a gradient.
+
+    Enabling checkpointing in transformers (and adding LoRA to a checkpointed model, in peft) hooks the input
+    embeddings of every sub-model so that their outputs require a gradient, which reentrant checkpointing needs to
+    reach the parameters inside a layer. On a VLM that includes the vision tower's patch embedding, so the backward
+    would run through a frozen tower (and recompute its layers, where they are checkpointed) for nothing.
+    Non-reentrant checkpointing reaches the parameters inside a layer without any input requiring a gradient, so
+    those hooks are removed again: the backward runs through the modules it would run through without checkpointing
+    (a trained tower's, not a frozen one's). Call it after `select_parameters`, so that peft adds no hooks of its
+    own."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # newer transformers, where the other name is deprecated
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.disable_input_require_grads()
+
+
 def lr_lambda(cfg: TrainConfig, start: int = 0):
     """The learning-rate factor of a parameter group that starts training at step `start`: 0 before it, then
     `--warmup-steps` of linear warm-up and the `--schedule` decay over the group's own remaining steps. The
@@ -297,6 +326,62 @@ def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _wrapped(module: nn.Module) -> nn.Module:
+    """The module inside any FSDP unit or checkpoint wrapper `module` is (`module` itself if it is neither)."""
+    while True:
+        inner = next((module._modules[a] for a in WRAPPER_ATTRIBUTES if module._modules.get(a) is not None), None)
+        if inner is None:
+            return module
+        module = inner
+
+
+@contextmanager
+def unwrapped(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` with every FSDP unit and activation-checkpoint wrapper inside it replaced by the module it wraps, put
+    back on exit.
+
+    FSDP wraps the layers it shards in place, so a prepared model's module names carry `_fsdp_wrapped_module.` at
+    every unit, while the state dict gathered from it does not. Code that picks entries of that state dict by module
+    name (peft's `save_pretrained` picks the adapter's) needs the names without the wrappers. Only the module tree is
+    changed, no parameter; accelerate's `extract_model_from_parallel(recursive=True)` does the same for good."""
+    root, swapped, stack = _wrapped(model), [], []
+    stack.append(root)
+    while stack:
+        module = stack.pop()
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            inner = _wrapped(child)
+            if inner is not child:
+                swapped.append((module, name, child))
+                module._modules[name] = inner
+            stack.append(inner)
+    try:
+        yield root
+    finally:
+        for module, name, child in reversed(swapped):
+            module._modules[name] = child
+
+
+def trainable_count(model: nn.Module) -> int:
+    """How many numbers of `model` training changes (its parameters that require a gradient)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def check_saved_adapter(path: Path, trained: int) -> int:
+    """Raise IncompleteSaveError unless the adapter weights saved in `path` hold at least `trained` numbers, the count
+    training changed (LoRA's A and B, and the copies peft keeps as `modules_to_save`; peft may save more, e.g.
+    embeddings, never less). Returns the count saved."""
+    weights = path / ADAPTER_WEIGHTS
+    saved = sum(t.numel() for t in load_file(str(weights)).values()) if weights.exists() else 0
+    if saved < trained:
+        raise IncompleteSaveError(
+            f"the adapter saved in {path} holds {saved:,} of the {trained:,} weights training changed, so it would "
+            "not be the trained model; it is not written to final/ (the run's last checkpoint holds the trained "
+            "weights)")
+    return saved
+
+
 def alignment_config(objective: LavenderObjective, cfg: TrainConfig, dataset: StageTwoDataset) -> AlignmentConfig:
     """The `AlignmentConfig` of a run: its alignment as built (layers resolved, the Aligner's input channels),
     how words were matched and the targets store it was trained against."""
@@ -309,18 +394,31 @@ def alignment_config(objective: LavenderObjective, cfg: TrainConfig, dataset: St
 
 
 def save_final(objective: LavenderObjective, processor, out: Path, cfg: TrainConfig,
-               state: dict[str, torch.Tensor] | None = None, alignment: AlignmentConfig | None = None) -> Path:
+               state: dict[str, torch.Tensor] | None = None, alignment: AlignmentConfig | None = None,
+               trained: int | None = None) -> Path:
     """The fine-tuned VLM (a peft adapter or a full model) with its processor, and the Aligner beside it in
     `aligner/` (`model.safetensors` and `alignment_config.json`, see `lavender.align.config`).
 
     `state` is the full state dict gathered from a sharded run (FSDP, DeepSpeed); otherwise the modules'
-    own parameters are saved. `lavender_train.json` records every training setting, for people."""
+    own parameters are saved. An FSDP-prepared `objective` is saved through `unwrapped`, so that peft finds the
+    adapter's entries of `state` by their names. `trained` is how many numbers of the VLM training changed, counted
+    before the model was sharded (default: counted on `objective` now). `lavender_train.json` records every
+    training setting, for people, with the mixed precision the run used.
+
+    Raises IncompleteSaveError, leaving `final/` as it was, if a saved adapter holds fewer weights than `trained`."""
+    from peft import PeftModel
+
     final, tmp = out / "final", out / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if state is None:
-        objective.vlm.save_pretrained(tmp)
-    else:
-        objective.vlm.save_pretrained(tmp, state_dict=_part(state, "vlm."))
+    with unwrapped(objective) as objective:
+        if trained is None:
+            trained = trainable_count(objective.vlm)
+        if state is None:
+            objective.vlm.save_pretrained(tmp)
+        else:
+            objective.vlm.save_pretrained(tmp, state_dict=_part(state, "vlm."))
+        if isinstance(objective.vlm, PeftModel):
+            check_saved_adapter(tmp, trained)
     processor.save_pretrained(tmp)
     if objective.alignment is not None:
         if alignment is None:
@@ -328,7 +426,8 @@ def save_final(objective: LavenderObjective, processor, out: Path, cfg: TrainCon
         aligner_state = objective.alignment.state_dict() if state is None else _part(state, "alignment.")
         alignment.save_pretrained(tmp / ALIGNER_DIR)
         save_file({k: v.contiguous() for k, v in aligner_state.items()}, str(tmp / ALIGNER_DIR / WEIGHTS_NAME))
-    (tmp / "lavender_train.json").write_text(json.dumps(cfg.__dict__, indent=2, default=list) + "\n")
+    settings = cfg.__dict__ | {"mixed_precision": cfg.precision}
+    (tmp / "lavender_train.json").write_text(json.dumps(settings, indent=2, default=list) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -344,20 +443,21 @@ class Trainer:
         if cfg.aligner_pretrain_steps and not cfg.aligns:
             raise ValueError("--aligner-pretrain-steps needs --targets and --lam > 0")
         check_trainable_family(cfg.model)
-        if not torch.cuda.is_available() and "fp16" in (cfg.mixed_precision, AUTOCAST.get(cfg.dtype)):
+        precision = cfg.precision  # --mixed-precision, else the launcher's
+        if not torch.cuda.is_available() and "fp16" in (precision, AUTOCAST.get(cfg.dtype)):
             if cfg.dtype == "float16":
                 raise ValueError("--dtype float16 needs fp16 autocast, which accelerate does not apply on CPU; "
                                  "use --dtype bfloat16 --mixed-precision bf16")
             log.warning("accelerate applies neither fp16 autocast nor loss scaling on CPU: this run computes in "
                         "float32 (use --mixed-precision bf16 for autocast on CPU)")
-        self.cfg, self.out = cfg, Path(cfg.out)
+        self.cfg, self.out, self.precision = cfg, Path(cfg.out), precision
         trackers = [t for t in cfg.report_to.split(",") if t and t != "none"]
         from accelerate.state import AcceleratorState
 
         # a second run in one process (a notebook, the tests) may change mixed precision; the process group stays
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, log_with=trackers or None,
+            cpu=not torch.cuda.is_available(), mixed_precision=precision, log_with=trackers or None,
             project_dir=str(self.out),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             # Aligner pretraining runs the VLM without a graph, and a vision tower's last layers may feed
@@ -366,6 +466,12 @@ class Trainer:
                 cfg.aligner_pretrain_steps or cfg.train_vision or cfg.train_projector))])
         if self.accelerator.distributed_type.value == "DEEPSPEED" and cfg.grad_accum > 1:
             raise ValueError("with DeepSpeed, set gradient accumulation in its config, not --grad-accum")
+        if self._flat_fsdp and cfg.dtype in AUTOCAST:
+            raise ValueError(self._flat_fsdp_advice(f"--dtype {cfg.dtype}"))
+        if self.accelerator.is_main_process:
+            source = ("--mixed-precision" if cfg.mixed_precision else
+                      "the launcher" if os.environ.get(LAUNCHER_PRECISION) else "the default")
+            log.info("mixed precision: %s (from %s)", precision, source)
         set_seed(cfg.seed)
         # the checks that need no model come first
         self.processor = load_processor(cfg.model, cfg.chat_template)
@@ -376,8 +482,6 @@ class Trainer:
         check_chat_template(self.processor, cfg.model, samples[0], cfg.instruction)
         store = AttentionTargets(cfg.targets) if cfg.aligns else None
         model = load_model(cfg.model, cfg.dtype)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         family = adapter_for(model)
         self.dataset = StageTwoDataset(
             samples, self.processor, family.image_token_id, store, instruction=cfg.instruction,
@@ -386,9 +490,12 @@ class Trainer:
         self._check_coverage()
         resolution = self.dataset.targets.resolution if self.dataset.targets is not None else 32
         model = select_parameters(model, cfg)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         objective = build_objective(model, cfg.aligns, cfg.layers, cfg.aggregation, cfg.aligner(1, resolution))
         keep_trainable_in_float32(objective)
         self._check_dtypes(objective)
+        self.trained = trainable_count(objective.vlm)  # before sharding spreads the parameters over processes
         self.alignment_config = (alignment_config(objective, cfg, self.dataset) if objective.alignment is not None
                                  else None)
         groups = parameter_groups(objective, cfg)
@@ -409,15 +516,32 @@ class Trainer:
         self.accelerator.register_load_state_pre_hook(self._load_trainable)
 
     # -- checks before training ---------------------------------------------------------------------------
+    @property
+    def _flat_fsdp(self) -> bool:
+        """FSDP as torch's FullyShardedDataParallel (accelerate's `fsdp_version: 1`, the default), which flattens
+        the parameters of each unit into one tensor of one dtype."""
+        acc = self.accelerator
+        return acc.distributed_type.value == "FSDP" and getattr(acc.state.fsdp_plugin, "fsdp_version", 1) == 1
+
+    def _flat_fsdp_advice(self, what: str) -> str:
+        return (f"{what} keeps frozen weights in another dtype than the float32 trainable ones, and FSDP flattens "
+                "each of its units (a layer with its LoRA weights, the root with the rest) into one tensor of one "
+                "dtype, which no FSDP setting changes (it stops with `Must flatten tensors with uniform dtype`): "
+                "load with --dtype float32 and compute in bf16 with --mixed-precision bf16 (the `mixed_precision` "
+                "of the accelerate config), which FSDP applies to its units")
+
     def _check_dtypes(self, objective: LavenderObjective) -> None:
         """Frozen weights of another dtype than the float32 trainable ones need autocast (`--dtype auto` may load
-        a bf16 checkpoint as it is)."""
+        a bf16 checkpoint as it is), and cannot be sharded by FSDP's flat parameters at all. Raises ValueError."""
         frozen = {p.dtype for p in objective.parameters() if not p.requires_grad and p.is_floating_point()}
-        if frozen - {torch.float32} and self.cfg.mixed_precision == "no":
-            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in frozen - {torch.float32}))
-            raise ValueError(f"{self.cfg.model} loaded with weights in {names} (--dtype {self.cfg.dtype}) while "
+        other = ", ".join(sorted(str(d).removeprefix("torch.") for d in frozen - {torch.float32}))
+        if other and self.precision == "no":
+            raise ValueError(f"{self.cfg.model} loaded with weights in {other} (--dtype {self.cfg.dtype}) while "
                              "trainable parameters are float32, which only autocast can mix: add --mixed-precision "
                              "bf16 (or fp16), or load with --dtype float32")
+        if other and self._flat_fsdp:
+            raise ValueError(self._flat_fsdp_advice(f"{self.cfg.model} loaded with weights in {other} (--dtype "
+                                                    f"{self.cfg.dtype})"))
 
     def _report_refused(self, refused: list[Refusal]) -> None:
         """Log the refused records per reason and list them in `<out>/failures.jsonl` (main process)."""
@@ -634,7 +758,7 @@ class Trainer:
         state = acc.get_state_dict(self.objective) if sharded else None  # collective when sharded
         if acc.is_main_process:
             final = save_final(acc.unwrap_model(self.objective), self.processor, self.out, cfg, state,
-                               self.alignment_config)
+                               self.alignment_config, self.trained)
             skipped = {k: v for k, v in self.progress.events.items() if v}
             if skipped:
                 log.warning("skipped or adjusted during training: %s", skipped)
