@@ -263,3 +263,25 @@ def test_layers_are_chosen_by_their_unet_level_whatever_the_aspect():
     by_rows.active = True
     by_rows.reset((28, 40))
     assert not by_rows.wants(14 * 20)
+
+
+def test_capture_installs_only_the_layers_asked_for():
+    """A teacher adapter may choose some cross-attention layers: only those record, the others keep their processor,
+    and a key that is not a cross-attention layer is refused before anything is installed."""
+    unet = _unet()
+    every = cross_attention_layers(unet)
+    chosen = every[:2]
+    recorder = RawRecorder(resolution=8)
+    recorder.reset((16, 16))
+    recorder.active = True
+    before = dict(unet.attn_processors)
+    with torch.no_grad(), capture_cross_attention(unet, recorder, chosen) as installed:
+        assert installed == sorted(chosen)
+        assert [k for k, v in unet.attn_processors.items() if isinstance(v, CrossAttentionCapture)] == sorted(chosen)
+        unet(torch.randn(1, 4, 16, 16), 3, encoder_hidden_states=torch.randn(1, 5, 24))
+    assert len(recorder.raw) == 2 and unet.attn_processors == before
+    self_attention = next(k for k in unet.attn_processors if k not in every)
+    with pytest.raises(ValueError, match="not cross-attention layers"), \
+            capture_cross_attention(unet, recorder, [self_attention]):
+        pass
+    assert unet.attn_processors == before

@@ -193,14 +193,19 @@ def cross_attention_layers(model: torch.nn.Module) -> list[str]:
 
 
 @contextmanager
-def capture_cross_attention(unet: torch.nn.Module, recorder: AttentionRecorder) -> Iterator[list[str]]:
-    """Install `CrossAttentionCapture` on the cross-attention layers of `unet`; restore on exit.
+def capture_cross_attention(unet: torch.nn.Module, recorder: AttentionRecorder,
+                            layers: list[str] | None = None) -> Iterator[list[str]]:
+    """Install `CrossAttentionCapture` on the cross-attention layers of `unet` (or on `layers`, processor keys
+    of some of them, as a teacher adapter chooses); restore on exit. Yields the sorted keys.
 
-    Raises ValueError, before installing anything, if a cross-attention layer has a feature the capture does
-    not reproduce (`check_layer`).
+    Raises ValueError, before installing anything, if there is no layer to capture, a key in `layers` is not a
+    cross-attention layer of `unet`, or a layer has a feature the capture does not reproduce (`check_layer`).
     """
     original = dict(unet.attn_processors)
-    cross = set(cross_attention_layers(unet))
+    every = set(cross_attention_layers(unet))
+    cross = every if layers is None else set(layers)
+    if cross - every:
+        raise ValueError(f"not cross-attention layers of this UNet: {sorted(cross - every)}")
     if not cross:
         raise ValueError("the UNet has no cross-attention layers to capture")
     for key in sorted(cross):

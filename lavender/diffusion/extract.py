@@ -1,6 +1,8 @@
 """Stage 1: per-word cross-attention targets from a text-to-image diffusion model over real images.
 
-For each batch: VAE-encode the whole images (each at its own aspect ratio, so a map always
+Everything specific to a family of models (text and image encoding, the denoiser's call and what it predicts,
+which layers are recorded) is in its teacher adapter (`lavender.diffusion.teachers`); this module only uses the
+adapter. For each batch: VAE-encode the whole images (each at its own aspect ratio, so a map always
 covers the whole image: the store's frame is "full"), DDIM-invert the latents a few steps with the
 text as condition, denoise them back while the cross-attention layers report their
 softmax probabilities, average those over heads, layers and steps at the target
@@ -13,14 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
@@ -35,7 +35,15 @@ from lavender.data.targets import (
     write_store_info,
 )
 from lavender.diffusion.capture import AttentionRecorder, capture_cross_attention
-from lavender.diffusion.inversion import check_prediction_type, denoise, invert
+from lavender.diffusion.inversion import denoise, invert
+from lavender.diffusion.teachers.base import (
+    TeacherAdapter,
+    TextBatch,
+    input_size,  # noqa: F401  (its old home; tests and tools import it from here)
+    load_teacher,
+    preprocess,
+    teacher_for,
+)
 from lavender.diffusion.words import word_pieces, words_to_tokens
 from lavender.utils.io import atomic_write_text
 from lavender.utils.maps import min_max
@@ -51,7 +59,7 @@ RESULT_SETTINGS = ("diffusion", "text", "inversion_steps", "denoise_steps", "str
 @dataclass
 class ExtractConfig:
     diffusion: str = field(default="CompVis/stable-diffusion-v1-4",
-                           metadata={"help": "StableDiffusionPipeline hub name or directory"})
+                           metadata={"help": "diffusers pipeline hub name or directory (SD v1.x/2.x, SDXL)"})
     data: str = field(default="", metadata={"help": "LLaVA JSON, HF dataset dir, or image folder with captions"})
     out: str = field(default="", metadata={"help": "targets store directory"})
     text: str = field(default="caption", metadata={"help": "text to condition on: caption|question|question+answer"})
@@ -99,24 +107,17 @@ def sidecar(diffusion: str) -> dict[str, Any]:
 
 
 def load_pipeline(cfg: ExtractConfig, device: torch.device):
-    from diffusers import StableDiffusionPipeline
+    """The pipeline at `cfg.diffusion`, loaded with `from_pretrained` as its `model_index.json` names it, in
+    `cfg.dtype` on `device`.
 
-    dtype = {} if cfg.dtype == "float32" else {"torch_dtype": getattr(torch, cfg.dtype)}
-    pipe = StableDiffusionPipeline.from_pretrained(cfg.diffusion, safety_checker=None,
-                                                   requires_safety_checker=False, **dtype)
-    pipe.set_progress_bar_config(disable=True)
-    if not pipe.tokenizer.is_fast:
-        raise ValueError("stage 1 needs a fast tokenizer (character offsets) for word matching")
-    prediction_type(pipe.scheduler)
-    return pipe.to(device)
-
-
-def prediction_type(scheduler) -> str:
-    """What the teacher's UNet predicts, from its scheduler's config ("epsilon" if the config does not say).
-
-    Raises ValueError if stage 1's DDIM steps do not support it.
+    Raises ValueError for a family without a teacher adapter, or a pipeline its adapter refuses (a slow
+    tokenizer, a prediction type the DDIM steps do not support).
     """
-    return check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
+    return load_teacher(cfg.diffusion, device, _model_dtype(cfg)).pipe
+
+
+def _model_dtype(cfg: ExtractConfig) -> torch.dtype | None:
+    return None if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
 
 
 class WordMaps(dict):
@@ -147,59 +148,32 @@ def word_maps(text: str, offsets: list[tuple[int, int]], token_maps: torch.Tenso
     return WordMaps(zip(words, min_max(stacked).cpu().numpy()), dict(zip(words, zip(lows, highs))))
 
 
-def input_size(width: int, height: int, size: int, multiple: int, keep_aspect: bool = True) -> tuple[int, int]:
-    """(width, height) in pixels at which the VAE sees a `width` x `height` image.
-
-    The whole image is always used (the map's frame is the whole image). With `keep_aspect` the image keeps its
-    aspect ratio at about `size`**2 pixels, each side rounded to a multiple of `multiple` (what the UNet's
-    downsampling needs: 64 px for Stable Diffusion v1.x); otherwise it is squeezed into `size` x `size`. A side
-    is never below `multiple`; for images more elongated than that allows, the long side gives way so that the
-    pixel count stays about `size`**2 (the image is then squeezed along it).
-    """
-    if not keep_aspect:
-        return size, size
-    scale = size / math.sqrt(width * height)
-    w, h = (max(multiple, round(side * scale / multiple) * multiple) for side in (width, height))
-    if round(min(width, height) * scale / multiple) >= 1:
-        return w, h
-    budget = max(multiple, size * size // multiple // multiple * multiple)  # the short side was raised to `multiple`
-    return (min(w, budget), h) if w >= h else (w, min(h, budget))
-
-
-def preprocess(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """Resize the whole image to `size` = (width, height) and scale to [-1, 1]: (3, height, width)."""
-    if image.size != size:
-        image = image.resize(size, Image.BICUBIC)
-    arr = np.asarray(image, np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1)
-
-
 class Extractor:
-    """Holds the loaded pipeline and turns batches of (image, text) into per-word maps of the whole image."""
+    """Holds a teacher and turns batches of (image, text) into per-word maps of the whole image.
 
-    def __init__(self, cfg: ExtractConfig, pipe, mask_padding: bool):
-        self.cfg, self.pipe, self.mask_padding = cfg, pipe, mask_padding
-        self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
-        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        self.image_size = cfg.image_size or pipe.unet.config.sample_size * vae_scale
-        # latents must halve cleanly at every UNet downsampling
-        self.multiple = vae_scale * 2 ** (len(pipe.unet.config.down_block_types) - 1)
-        self.alphas = pipe.scheduler.alphas_cumprod.to(self.device, torch.float32)
-        self.prediction_type = prediction_type(pipe.scheduler)
+    `teacher` is a `TeacherAdapter` or a loaded diffusers pipeline, whose adapter is then chosen by its class.
+    Raises ValueError for a pipeline without an adapter or one its adapter refuses.
+    """
+
+    def __init__(self, cfg: ExtractConfig, teacher: TeacherAdapter | Any, mask_padding: bool):
+        self.teacher = teacher if isinstance(teacher, TeacherAdapter) else teacher_for(teacher)
+        self.cfg, self.pipe, self.mask_padding = cfg, self.teacher.pipe, mask_padding
+        self.device, self.dtype = self.teacher.device, self.teacher.dtype
+        self.image_size = cfg.image_size or self.teacher.native_size
+        self.alphas = self.teacher.alphas.to(self.device, torch.float32)
+        self.prediction_type = self.teacher.prediction_type
         self.t_end = round(cfg.strength * (len(self.alphas) - 1))
-        self.recorder = AttentionRecorder(cfg.resolution, cfg.attn_resolutions, self.image_size // vae_scale)
-        self.max_length = pipe.tokenizer.model_max_length
+        self.recorder = AttentionRecorder(cfg.resolution, cfg.attn_resolutions,
+                                          self.image_size // self.teacher.vae_scale)
+        self.max_length = self.teacher.max_length
 
     def input_size(self, image: Image.Image) -> tuple[int, int]:
         """(width, height) at which the VAE sees `image`."""
-        return input_size(*image.size, self.image_size, self.multiple, self.cfg.keep_aspect)
+        return self.teacher.input_size(*image.size, self.image_size, self.cfg.keep_aspect)
 
-    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, list]:
-        tok = self.pipe.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
-                                  return_offsets_mapping=True, return_tensors="pt")
-        mask = tok.attention_mask.to(self.device) if self.mask_padding else None
-        emb = self.pipe.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
-        return emb, mask, tok.offset_mapping.tolist()
+    def encode_text(self, texts: list[str]) -> TextBatch:
+        """`texts` through the teacher's tokenizer(s) and text encoder(s), padding hidden if the extractor says so."""
+        return self.teacher.encode_text(texts, self.mask_padding)
 
     def __call__(self, images: list[Image.Image], texts: list[str]) -> list[WordMaps]:
         """Per-word (R, R) maps of each whole image, with their ranges before normalisation. Images of different
@@ -217,29 +191,24 @@ class Extractor:
     @torch.no_grad()
     def run(self, images: list[Image.Image], texts: list[str], size: tuple[int, int]) -> list[WordMaps]:
         """One batch whose images all go to the VAE at `size` = (width, height)."""
-        pipe, b = self.pipe, len(images)
-        x = torch.stack([preprocess(im, size) for im in images]).to(self.device, self.dtype)  # (B, 3, H, W)
-        latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor  # (B, C, h, w)
-        emb, mask, offsets = self.encode_text(texts)
+        teacher, b = self.teacher, len(images)
+        latents = teacher.encode_image(torch.stack([preprocess(im, size) for im in images]))  # (B, C, h, w)
+        text = self.encode_text(texts)
 
         def conditional(z: torch.Tensor, t: int) -> torch.Tensor:
-            return pipe.unet(z, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
+            return teacher.predict(z, t, text)
 
         guided = conditional
         if self.cfg.guidance_scale != 1.0:
-            null, null_mask, _ = self.encode_text([""] * b)
-            both = torch.cat([null, emb])
-            both_mask = None if mask is None else torch.cat([null_mask, mask])
+            both = teacher.null_text(b, self.mask_padding).cat(text)
             self.recorder.rows = slice(b, 2 * b)  # the conditional half
 
             def guided(z: torch.Tensor, t: int) -> torch.Tensor:
-                out = pipe.unet(torch.cat([z, z]), t, encoder_hidden_states=both,
-                                encoder_attention_mask=both_mask).sample
-                uncond, cond = out.chunk(2)
+                uncond, cond = teacher.predict(torch.cat([z, z]), t, both).chunk(2)
                 return uncond + self.cfg.guidance_scale * (cond - uncond)
 
         self.recorder.reset(tuple(latents.shape[-2:]))
-        with capture_cross_attention(pipe.unet, self.recorder):
+        with capture_cross_attention(teacher.unet, self.recorder, teacher.recorded_layers()):
             noisy = invert(latents.float(), lambda z, t: conditional(z.to(self.dtype), t).float(), self.alphas,
                            self.t_end, self.cfg.inversion_steps, self.prediction_type)
             self.recorder.active = True
@@ -249,7 +218,7 @@ class Extractor:
             finally:
                 self.recorder.active, self.recorder.rows = False, slice(None)
         token_maps = self.recorder.mean()  # (B, L, R, R)
-        return [word_maps(texts[i], offsets[i], token_maps[i]) for i in range(b)]
+        return [word_maps(texts[i], text.offsets[i], token_maps[i]) for i in range(b)]
 
 
 def _settings(cfg: ExtractConfig, mask_padding: bool, image_size: int) -> dict[str, Any]:
@@ -382,8 +351,8 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
         samples = samples[: cfg.limit]
     device = torch.device(cfg.device) if cfg.device else (state.device if state else torch.device("cpu"))
     mask_padding = {"yes": True, "no": False}.get(cfg.mask_padding, sidecar(cfg.diffusion).get("mask_padding", False))
-    pipe = load_pipeline(cfg, device)
-    extractor = Extractor(cfg, pipe, mask_padding)
+    teacher = load_teacher(cfg.diffusion, device, _model_dtype(cfg))
+    extractor = Extractor(cfg, teacher, mask_padding)
     settings = _settings(cfg, mask_padding, extractor.image_size)
     if is_main:
         _open_store(root, settings, create=True)
@@ -399,7 +368,7 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
     if not samples:
         log.warning("%s holds no usable sample: the store will be empty", cfg.data)
     writer = TargetsWriter(root, cfg.shard_size, cfg.store_dtype, prefix=f"r{rank}")
-    vocabulary = VocabularyReport(pipe.tokenizer)
+    vocabulary = VocabularyReport(teacher.tokenizer)
     with open(root / f"failures-r{rank}.jsonl", "w") as failures:
         def fail(sample_id: str, reason: str, **extra) -> None:
             failures.write(json.dumps({"id": sample_id, "reason": reason, **extra}) + "\n")
