@@ -4,6 +4,17 @@ import logging
 import warnings
 
 __version__ = "0.1.0"
+__all__ = ["Trained", "evaluate", "extract", "finetune", "load"]
+
+
+def __getattr__(name: str):
+    """`lavender.extract`, `finetune`, `evaluate`, `load` and `Trained` (from `lavender.api`), imported on first use
+    so that `import lavender` and the command line start without loading torch."""
+    if name in __all__:
+        from lavender import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'lavender' has no attribute {name!r}")
 
 # diffusers imports transformers' CLIP image processor, which without torchvision falls
 # back to its PIL version with a warning; nothing here uses it, so the warning is noise.
