@@ -57,20 +57,21 @@ def stage1(extractor: Extractor, images, texts) -> None:
 
 @torch.no_grad()
 def baseline(extractor: Extractor, images, texts) -> None:
-    """The same VAE and UNet passes as stage 1, stock processors, nothing recorded."""
+    """The same VAE and UNet passes as stage 1, through the same teacher adapter, nothing recorded."""
     from lavender.diffusion.extract import preprocess
     from lavender.diffusion.inversion import denoise, invert
 
-    pipe, cfg = extractor.pipe, extractor.cfg
-    x = torch.stack([preprocess(im, extractor.image_size) for im in images]).to(extractor.device, extractor.dtype)
-    latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
-    emb, mask, _ = extractor.encode_text(texts)
+    teacher, cfg = extractor.teacher, extractor.cfg
+    size = extractor.input_size(images[0])
+    latents = teacher.encode_image(torch.stack([preprocess(im, size) for im in images])).float()
+    text = extractor.encode_text(texts)
 
     def predict(z, t):
-        return pipe.unet(z, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
+        return teacher.predict(z.to(extractor.dtype), t, text).float()
 
-    noisy = invert(latents, predict, extractor.alphas, extractor.t_end, cfg.inversion_steps)
-    denoise(noisy, predict, extractor.alphas, extractor.t_end, cfg.denoise_steps)
+    noisy = invert(latents, predict, extractor.alphas, extractor.t_end, cfg.inversion_steps,
+                   extractor.prediction_type)
+    denoise(noisy, predict, extractor.alphas, extractor.t_end, cfg.denoise_steps, extractor.prediction_type)
 
 
 VARIANTS = {"stage1": stage1, "baseline": baseline}
