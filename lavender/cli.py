@@ -303,11 +303,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("accelerate").setLevel(logging.WARNING)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: also a model or file that cannot be found or read
         if args.verbose:
             raise
         log.error("%s", err)
         return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; what was finished is kept, and the same command continues from there")
+        return 130
     return 0
 
 

@@ -102,3 +102,14 @@ def test_checkpoint_adapter_holds_the_checkpoints_weights(study, tmp_path):
         assert torch.equal(saved[saved_key], value), key
         differs += not torch.equal(final[saved_key], value)
     assert differs  # the checkpoint's weights, not the final ones
+
+
+def test_a_study_made_with_other_settings_is_refused(study):
+    cfg, _ = study
+    kept = {k: getattr(cfg, k) for k in ("out", "name", "preset", "arms", "seeds", "train_scenes", "test_scenes",
+                                          "ood_scenes", "wide_scenes", "scaling", "batch_size", "curve_every",
+                                          "eval_batch_size")}
+    with pytest.raises(ValueError, match=r"other settings.*steps"):
+        run_experiment(ExperimentConfig(**{**kept, "steps": cfg.steps + 1}))
+    with pytest.raises(ValueError, match="test_scenes"):
+        run_experiment(ExperimentConfig(**{**kept, "test_scenes": cfg.test_scenes + 2}))

@@ -1,7 +1,7 @@
 """External harnesses (`lavender/eval/harness.py`): the lmms-eval model and the VLMEvalKit model answer a question
 as `lavender eval answers` does, with the shipped base VLM and with a LoRA adapter on it; loglikelihood against
 the model's own greedy decoding; requests and messages of the documented shapes, and clear errors for others.
-The tests against the installed lmms-eval run only where it is installed (`pip install "lavender[lmms]"`)."""
+The tests against the installed lmms-eval run only where it is installed (`pip install "lavender-vlm[lmms]"`)."""
 
 from __future__ import annotations
 
@@ -336,6 +336,6 @@ def test_lmms_eval_main_without_lmms_eval(monkeypatch, capsys):
     for name in [m for m in sys.modules if m == "lmms_eval" or m.startswith("lmms_eval.")] + ["lmms_eval"]:
         monkeypatch.setitem(sys.modules, name, None)
     assert harness.lmms_eval_main(["--model", "lavender", "--tasks", "mme"]) == 2
-    assert "pip install 'lavender[lmms]'" in capsys.readouterr().err
+    assert "pip install 'lavender-vlm[lmms]'" in capsys.readouterr().err
     with pytest.raises(ImportError, match="lmms-eval is not installed"):
         harness.register_lmms()

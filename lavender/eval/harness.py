@@ -6,7 +6,7 @@ through its generation helper (`generate_replies`): greedy, in batches padded on
 turn; laid out as the project lays out its data (the images first, then the text), it gets the answer
 `lavender eval answers` gives the same question.
 
-- lmms-eval (`pip install "lavender[lmms]"`, lmms-eval >= 0.7): `LavenderLMMs`, a "simple" lmms-eval model (a text
+- lmms-eval (`pip install "lavender-vlm[lmms]"`, lmms-eval >= 0.7): `LavenderLMMs`, a "simple" lmms-eval model (a text
   context plus the task's `doc_to_visual` images), registered as `lavender` by `register_lmms()`;
   `python -m lavender.eval.harness <lmms-eval arguments>` registers it and runs lmms-eval's command line. It
   answers `generate_until` (greedy; `until` strings cut the answer) and `loglikelihood` requests (which
@@ -266,8 +266,8 @@ def _lmms_class() -> type:
         from lmms_eval.api.model import lmms
         from lmms_eval.api.registry import register_model
     except ImportError as err:
-        raise ImportError("lmms-eval is not installed: pip install 'lavender[lmms]' (or pip install lmms-eval)"
-                          ) from err
+        raise ImportError("lmms-eval is not installed: pip install 'lavender-vlm[lmms]' torch==<your torch version> "
+                          "(from a clone: pip install -e '.[lmms]' ...; see docs/harnesses.md)") from err
 
     @register_model(LMMS_NAME)
     class LavenderLMMs(lmms):

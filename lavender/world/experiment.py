@@ -171,6 +171,28 @@ def prepare(cfg: ExperimentConfig) -> dict[str, Path]:
     return paths
 
 
+# What every run of a study shares. Arms, seeds, scaling sizes and the curve only choose which runs exist, so
+# a study may be extended (or split over processes) with other values of those; these must never change.
+RUN_SETTINGS = ("world_seed", "train_scenes", "test_scenes", "ood_scenes", "wide_scenes", "steps", "batch_size",
+                "lr", "aligner_lr")
+SETTINGS_FILE = "study-settings.json"
+
+
+def check_settings(cfg: ExperimentConfig) -> None:
+    """Record the settings every run shares in `<out>/study-settings.json`, or refuse (ValueError) to resume a
+    study made with other values: its finished runs would be kept and reported under the new settings."""
+    path = Path(cfg.out) / SETTINGS_FILE
+    settings = {k: getattr(cfg, k) for k in RUN_SETTINGS}
+    if path.exists():
+        made = json.loads(path.read_text())
+        changed = {k: (made.get(k), v) for k, v in settings.items() if made.get(k) != v}
+        if changed:
+            raise ValueError(f"{cfg.out} holds a study made with other settings (made with, asked for: {changed}); "
+                             "rerun with its settings to resume it, or choose a new --out or --name")
+    else:
+        atomic_write_json(path, settings)
+
+
 def _world_settings(world) -> dict:
     from lavender.world.scenes import HELD_OUT
 
@@ -335,6 +357,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     start = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_settings(cfg)
     atomic_write_json(out / "experiment.json", asdict(cfg))
     paths = prepare(cfg)
     results = []

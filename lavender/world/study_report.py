@@ -237,6 +237,8 @@ def _command(cfg) -> str:
 
     preset = ExperimentConfig(preset=cfg.preset)
     parts = [f"--name {cfg.name}", f"--preset {cfg.preset}"]
+    if Path(cfg.out) != Path("runs") / cfg.name:
+        parts.append(f"--out {cfg.out}")
     for key in ("arms", "seeds", "train_scenes", "test_scenes", "ood_scenes", "wide_scenes", "scaling", "steps",
                 "batch_size", "lr", "aligner_lr", "curve_every", "world_seed"):
         value = getattr(cfg, key)
