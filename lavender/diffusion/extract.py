@@ -94,6 +94,10 @@ class ExtractConfig:
             raise ValueError(f"--text must be one of {TEXT_SOURCES}, got {self.text!r}")
         if self.mask_padding not in ("auto", "yes", "no"):
             raise ValueError("--mask-padding must be auto, yes or no")
+        if self.store_dtype not in ("float16", "float32"):
+            raise ValueError(f"--store-dtype must be float16 or float32, got {self.store_dtype!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if not 0 < self.strength <= 1:
             raise ValueError("--strength must be in (0, 1]")
         if min(self.inversion_steps, self.denoise_steps, self.resolution, self.batch_size) < 1:

@@ -16,6 +16,8 @@ def load_trained(path: str | Path, base: str = ""):
 
     path = Path(path)
     config = path / "adapter_config.json"
+    if not config.exists() and (path / "final").is_dir() and not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is a `lavender train` run directory; the trained model is {path / 'final'}")
     if not config.exists():
         return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
     from peft import PeftModel
