@@ -208,7 +208,7 @@ def teacher_grounding(paths: dict[str, Path]) -> dict:
 def headline(report: Path) -> str:
     """The few lines a study ends with: each arm's question accuracy per split with its difference against its
     baseline, and where the report is."""
-    from lavender.world.experiment import SPLITS
+    from lavender.world.experiment import ARMS, SPLITS
 
     data = json.loads((Path(report).parent / "results.json").read_text())
     summary = data["summary"]
@@ -216,7 +216,8 @@ def headline(report: Path) -> str:
                                                                            for s in SPLITS)
     lines = ["question accuracy (exact match; mean over seeds) and the paired difference against the baseline "
              "arm with its 95% interval", header]
-    for arm, scores in summary["arms"].items():
+    for arm in sorted(summary["arms"], key=lambda a: list(ARMS).index(a)):
+        scores = summary["arms"][arm]
         line = f"{arm:<17}" + "".join(f"{np.mean(scores[s]['questions']):>9.3f}" for s in SPLITS)
         if arm in summary["differences"]:
             line += "".join(f"{_interval(summary['differences'][arm][s]['questions']):>30}" for s in SPLITS)
