@@ -251,22 +251,25 @@ class AttentionTargets:
         self._shard(name)
         return self._words[name][sample_id]
 
+    def _opened(self, sample_id: str) -> str:
+        """The name of the shard holding `sample_id`, opened (with its header read). KeyError if none does."""
+        if sample_id not in self._where:
+            raise KeyError(f"no targets for sample {sample_id!r}")
+        name = self._where[sample_id]
+        self._shard(name)
+        return name
+
     def image_size(self, sample_id: str) -> tuple[int, int] | None:
         """The original image's (width, height) in pixels, or None if the store does not have it.
 
         Raises KeyError for a sample the store does not hold.
         """
-        if sample_id not in self._where:
-            raise KeyError(f"no targets for sample {sample_id!r}")
-        name = self._where[sample_id]
-        self._shard(name)
+        name = self._opened(sample_id)
         size = self._sizes[name].get(sample_id)
         return (size[0], size[1]) if size else None
 
     def __getitem__(self, sample_id: str) -> dict[str, np.ndarray]:
-        if sample_id not in self._where:
-            raise KeyError(f"no targets for sample {sample_id!r}")
-        name = self._where[sample_id]
+        name = self._opened(sample_id)
         stacked = self._shard(name).get_tensor(sample_id).float().numpy()
         return {w: stacked[i] for i, w in enumerate(self._words[name][sample_id])}
 
@@ -276,10 +279,7 @@ class AttentionTargets:
 
         Raises KeyError for a sample the store does not hold.
         """
-        if sample_id not in self._where:
-            raise KeyError(f"no targets for sample {sample_id!r}")
-        name = self._where[sample_id]
-        self._shard(name)
+        name = self._opened(sample_id)
         kept = self._ranges[name].get(sample_id)
         if kept is None:
             return None
@@ -291,10 +291,7 @@ class AttentionTargets:
 
         Raises KeyError for a sample the store does not hold.
         """
-        if sample_id not in self._where:
-            raise KeyError(f"no targets for sample {sample_id!r}")
-        name = self._where[sample_id]
-        self._shard(name)
+        name = self._opened(sample_id)
         box = self._views[name].get(sample_id)
         return (box[0], box[1], box[2], box[3]) if box else FULL
 
