@@ -43,6 +43,9 @@ class AlignerConfig:
         if self.norm not in NORMS:
             raise ValueError(f"aligner norm must be one of {NORMS}, got {self.norm!r}")
         self.depth = str(self.depth)
+        if self.depth not in DEPTHS and not self.depth.lstrip("-").isdigit():
+            raise ValueError(f"aligner depth must be one of {'|'.join(DEPTHS)} or a number of blocks, got "
+                             f"{self.depth!r}")
         if self.num_blocks < 1:
             raise ValueError("aligner depth must be at least 1")
 

@@ -224,8 +224,8 @@ def load_for_generation(model: str = "", adapter: str = "", device: str = ""):
     """Model and processor ready for `generate_replies`: `model` (hub name or directory), or with `adapter` (a
     `lavender train` output) the peft adapter merged into its base (`model`, else the base it records) or the
     full model it holds; in eval mode on `device` (default: cuda if available, else cpu), the tokenizer padding
-    on the left, EOS as its pad token if it has none. Raises ValueError if neither is given,
-    FileNotFoundError if `adapter` is not a directory."""
+    on the left, EOS as its pad token if it has none. Raises ValueError if neither is given or `device` is a
+    CUDA device the machine lacks, FileNotFoundError if `adapter` is not a directory."""
     from lavender.train.merge import load_trained
     from lavender.train.trainer import load_vlm
 
@@ -233,8 +233,10 @@ def load_for_generation(model: str = "", adapter: str = "", device: str = ""):
         raise ValueError("a model (hub name or directory) or an adapter directory is required")
     if adapter and not Path(adapter).is_dir():
         raise FileNotFoundError(f"adapter directory not found: {adapter}")
-    vlm, processor = load_trained(adapter, model) if adapter else load_vlm(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build or machine has no CUDA device")
+    vlm, processor = load_trained(adapter, model) if adapter else load_vlm(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"  # generation continues every prompt from the same last position
     if tokenizer.pad_token is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -141,6 +142,10 @@ class TrainConfig:
             raise ValueError("--keep-checkpoints must be at least 1")
         if self.lam < 0 or self.aligner_pretrain_steps < 0:
             raise ValueError("--lam and --aligner-pretrain-steps must not be negative")
+        if self.aligner_pretrain_steps and self.aligner_pretrain_steps >= self.steps:
+            logging.getLogger(__name__).warning(
+                "--aligner-pretrain-steps %d covers all %d --steps: only the Aligner trains in this run (rerun with "
+                "more --steps to go on with the VLM)", self.aligner_pretrain_steps, self.steps)
         precision = self.precision  # a disagreement with the launcher stops the run here
         if self.dtype in AUTOCAST and precision != AUTOCAST[self.dtype]:
             raise ValueError(f"--dtype {self.dtype} keeps frozen weights in {self.dtype} and trainable ones in "
