@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lavender.data.frame import ImageView
+from lavender.utils.registry import register
 from lavender.vlm.attention import (
     LearnedProjections,
     capture_rows,
@@ -145,13 +146,7 @@ class SelfAttentionAdapter(VLMAdapter):
 
 def register_adapter(cls: type[VLMAdapter]) -> type[VLMAdapter]:
     """Class decorator: add an adapter, refusing incomplete ones and model types claimed twice."""
-    if not getattr(cls, "family", None) or not getattr(cls, "model_types", None):
-        raise TypeError(f"{cls.__name__} must set `family` and `model_types`")
-    for model_type in cls.model_types:
-        if model_type in _ADAPTERS and _ADAPTERS[model_type] is not cls:
-            raise ValueError(f"model type {model_type!r} already served by {_ADAPTERS[model_type].__name__}")
-        _ADAPTERS[model_type] = cls
-    return cls
+    return register(_ADAPTERS, cls, "model_types", "model type")
 
 
 def supported_model_types() -> list[str]:

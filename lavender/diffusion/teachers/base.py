@@ -25,6 +25,7 @@ from PIL import Image
 
 from lavender.diffusion.capture import cross_attention_layers
 from lavender.diffusion.inversion import check_prediction_type
+from lavender.utils.registry import register
 
 _TEACHERS: dict[str, type[TeacherAdapter]] = {}
 # pipeline classes of families stage 1 does not serve yet, with what they lack here
@@ -234,13 +235,7 @@ class TeacherAdapter(ABC):
 
 def register_teacher(cls: type[TeacherAdapter]) -> type[TeacherAdapter]:
     """Class decorator: add a teacher adapter, refusing incomplete ones and pipeline classes claimed twice."""
-    if not getattr(cls, "family", None) or not getattr(cls, "pipeline_classes", None):
-        raise TypeError(f"{cls.__name__} must set `family` and `pipeline_classes`")
-    for name in cls.pipeline_classes:
-        if name in _TEACHERS and _TEACHERS[name] is not cls:
-            raise ValueError(f"pipeline class {name!r} already served by {_TEACHERS[name].__name__}")
-        _TEACHERS[name] = cls
-    return cls
+    return register(_TEACHERS, cls, "pipeline_classes", "pipeline class")
 
 
 def supported_pipelines() -> list[str]:
