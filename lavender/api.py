@@ -52,10 +52,15 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, **options: An
     from lavender.eval.answers import AnswersConfig, run_answers
 
     base = str(options.pop("base", ""))
-    where = Path(model)
-    trained = (where / "adapter_config.json").exists() or (where / "lavender_train.json").exists()
-    paths = {"adapter": str(where), "model": base} if trained else {"model": str(model)}
+    paths = {"adapter": str(model), "model": base} if _is_train_output(model) else {"model": str(model)}
     return run_answers(AnswersConfig(data=str(data), out=str(out), **paths, **options))
+
+
+def _is_train_output(path: str | Path) -> bool:
+    """Whether `path` is a `finetune` output (a peft adapter, or a full model saved with its training settings)
+    rather than a plain model directory or hub name."""
+    path = Path(path)
+    return (path / "adapter_config.json").exists() or (path / "lavender_train.json").exists()
 
 
 class Trained(NamedTuple):
@@ -85,8 +90,7 @@ def load(path: str | Path, base: str | Path = "") -> Trained:
     from lavender.vlm.base import adapter_for
 
     path = Path(path)
-    is_output = (path / "adapter_config.json").exists() or (path / "lavender_train.json").exists()
-    model, processor = load_trained(path, str(base)) if is_output else load_vlm(str(path))
+    model, processor = load_trained(path, str(base)) if _is_train_output(path) else load_vlm(str(path))
     model.eval()
     config = load_alignment_config(path) if path.is_dir() else None
     alignment = None

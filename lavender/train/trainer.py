@@ -317,7 +317,9 @@ def _trainable_state(objective: nn.Module) -> dict[str, torch.Tensor]:
     return {n: state[n].detach().cpu().contiguous() for n in sorted(keep)}
 
 
-def _checkpoints(root: Path) -> list[Path]:
+def list_checkpoints(root: Path) -> list[Path]:
+    """The regular `checkpoint-<step>` directories under `root`, by step (tagged ones such as
+    `checkpoint-<step>-last-good` left out)."""
     found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
@@ -598,13 +600,13 @@ class Trainer:
         if self.accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in _checkpoints(root)[: -self.cfg.keep_checkpoints or None]:
+            for old in list_checkpoints(root)[: -self.cfg.keep_checkpoints or None]:
                 shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
         return final
 
     def maybe_resume(self) -> None:
-        found = _checkpoints(self.out / "checkpoints") if self.cfg.resume else []
+        found = list_checkpoints(self.out / "checkpoints") if self.cfg.resume else []
         if found:
             self.accelerator.load_state(str(found[-1]))
             self.accelerator.print(f"resumed from {found[-1]} at step {self.progress.step}")
@@ -637,7 +639,7 @@ class Trainer:
     def _stop_after_update(self, what: str) -> None:
         """Stop when the bad step's update is already applied (DeepSpeed steps inside `backward`): the state saved
         now is named for what it is, and the last good state is the latest regular checkpoint, if any."""
-        earlier = _checkpoints(self.out / "checkpoints")
+        earlier = list_checkpoints(self.out / "checkpoints")
         where = self.save_checkpoint(f"checkpoint-{self.progress.step + 1}-after-non-finite-update")
         good = str(earlier[-1]) if earlier else "none saved (set --save-every)"
         raise TrainingError(f"{what}; stopped. DeepSpeed applied this step's update before its gradient norm could be "

@@ -84,7 +84,11 @@ def write_world(cfg: WorldDataConfig) -> Path:
                 masks[f"{sample_id}/{word}"] = torch.from_numpy(m.astype(np.uint8))
         atomic_write_json(out / f"{split}.json", records)
         atomic_write(out / f"masks-{split}.safetensors", lambda tmp, m=masks: save_file(m, str(tmp)))
-    width, height = cfg.canvas
-    settings = {**asdict(cfg), "width": width, "height": height, "held_out": sorted(map(list, HELD_OUT))}
-    atomic_write_json(out / "world.json", settings)
+    atomic_write_json(out / "world.json", world_settings(cfg))
     return out
+
+
+def world_settings(cfg: WorldDataConfig) -> dict:
+    """What `world.json` records: the generator's settings, the resolved width and height, the held-out pairs."""
+    width, height = cfg.canvas
+    return {**asdict(cfg), "width": width, "height": height, "held_out": sorted(map(list, HELD_OUT))}

@@ -140,7 +140,7 @@ _PRESET_VALUES: dict[str, dict] = {
 def prepare(cfg: ExperimentConfig) -> dict[str, Path]:
     """The scenes and the stores every arm shares; each made once. Returns named paths."""
     from lavender.diffusion.extract import ExtractConfig, run_extract
-    from lavender.world.data import WorldDataConfig, write_world
+    from lavender.world.data import WorldDataConfig, world_settings, write_world
     from lavender.world.demo import shipped_teacher
     from lavender.world.oracle import write_oracle_store
 
@@ -152,7 +152,7 @@ def prepare(cfg: ExperimentConfig) -> dict[str, Path]:
                                       test=cfg.wide_scenes, ood=0, locate=True)}
     for key, world in worlds.items():
         settings = paths[key] / "world.json"
-        if not settings.exists() or json.loads(settings.read_text()) != _world_settings(world):
+        if not settings.exists() or json.loads(settings.read_text()) != world_settings(world):
             _stage(f"scenes: {key}")
             write_world(world)
     paths.update({f"data-{s}": paths["world"] / f"{s}.json" for s in ("train", "test", "ood")})
@@ -191,13 +191,6 @@ def check_settings(cfg: ExperimentConfig) -> None:
                              "rerun with its settings to resume it, or choose a new --out or --name")
     else:
         atomic_write_json(path, settings)
-
-
-def _world_settings(world) -> dict:
-    from lavender.world.scenes import HELD_OUT
-
-    width, height = world.canvas
-    return {**asdict(world), "width": width, "height": height, "held_out": sorted(map(list, HELD_OUT))}
 
 
 def _resolution(store: Path) -> int:
@@ -241,20 +234,22 @@ def run_dir(cfg: ExperimentConfig, arm: str, size: int, seed: int) -> Path:
     return Path(cfg.out) / "runs" / arm / f"n{size}" / f"seed{seed}"
 
 
+def answer_scores(data: Path, adapter: Path | None, where: Path, batch_size: int) -> dict:
+    """The `eval answers --turns all` score table of the base VLM (with `adapter`) on `data`, kept in `where`
+    and read back from there when it is already written."""
+    from lavender.eval.answers import SUMMARY, AnswersConfig, run_answers
+
+    if not (where / SUMMARY).exists():
+        run_answers(AnswersConfig(model=str(_vlm()), adapter=str(adapter or ""), data=str(data), out=str(where),
+                                  turns="all", batch_size=batch_size))
+    return json.loads((where / SUMMARY).read_text())["scores"]
+
+
 def evaluate_model(paths: dict[str, Path], adapter: Path | None, out: Path, batch_size: int) -> dict:
     """Answers on every split and the VLM's own attention on the test split, scored; each part kept on disk."""
-    from lavender.eval.answers import AnswersConfig, run_answers
-
-    result: dict = {"answers": {}}
-    for split in SPLITS:
-        where = out / f"answers-{split}"
-        summary = where / "summary.json"
-        if not summary.exists():
-            run_answers(AnswersConfig(model=str(_vlm()), adapter=str(adapter or ""), data=str(paths[f"data-{split}"]),
-                                      out=str(where), turns="all", batch_size=batch_size))
-        result["answers"][split] = json.loads(summary.read_text())["scores"]
-    result["attention"] = attention_scores(paths, adapter, out / "attention-test")
-    return result
+    return {"answers": {split: answer_scores(paths[f"data-{split}"], adapter, out / f"answers-{split}", batch_size)
+                        for split in SPLITS},
+            "attention": attention_scores(paths, adapter, out / "attention-test")}
 
 
 def attention_scores(paths: dict[str, Path], adapter: Path | None, where: Path) -> dict:
@@ -326,23 +321,19 @@ def checkpoint_adapter(final: Path, checkpoint: Path, out: Path) -> Path:
 
 def run_curve(cfg: ExperimentConfig, paths: dict[str, Path], arm: str) -> list[dict]:
     """Test accuracy and the alignment error of seed 0 of `arm` at each kept checkpoint and at the end."""
-    from lavender.eval.answers import AnswersConfig, run_answers
+    from lavender.train.trainer import list_checkpoints
 
     stage2 = run_dir(cfg, arm, cfg.train_scenes, 0) / "stage2"
     points = []
-    for ckpt in sorted((stage2 / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
-        if not ckpt.name.split("-")[1].isdigit() or len(ckpt.name.split("-")) != 2:
-            continue
+    for ckpt in list_checkpoints(stage2 / "checkpoints"):
         step = int(ckpt.name.split("-")[1])
         where = Path(cfg.out) / "curve" / arm / f"step{step}"
         done = where / "point.json"
         if not done.exists():
             adapter = checkpoint_adapter(stage2 / "final", ckpt, where / "adapter")
-            answers = where / "answers-test"
-            if not (answers / "summary.json").exists():
-                run_answers(AnswersConfig(model=str(_vlm()), adapter=str(adapter), data=str(paths["data-test"]),
-                                          out=str(answers), turns="all", batch_size=cfg.eval_batch_size))
-            point = {"step": step, "accuracy": json.loads((answers / "summary.json").read_text())["scores"],
+            point = {"step": step,
+                     "accuracy": answer_scores(paths["data-test"], adapter, where / "answers-test",
+                                               cfg.eval_batch_size),
                      "attention": attention_scores(paths, adapter, where / "attention-test")}
             atomic_write_json(done, point)
         points.append(json.loads(done.read_text()))
@@ -351,7 +342,8 @@ def run_curve(cfg: ExperimentConfig, paths: dict[str, Path], arm: str) -> list[d
 
 # -- the study ---------------------------------------------------------------------------------------------------
 def run_experiment(cfg: ExperimentConfig) -> Path:
-    """Run (or resume) the whole study, rewriting its report after each phase; returns the report's path."""
+    """Run (or resume) the whole study and write its report, also after each phase that ran something new while
+    later phases remain; returns the report's path."""
     from lavender.world.study_report import write_report
 
     start = time.time()
@@ -365,11 +357,14 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
         _stage("evaluating the base VLM")
         results.append(run_one(cfg, paths, "base", cfg.train_scenes, 0))
     curves: dict[str, list[dict]] = {}
+    phases = cfg.phases()
     total, i = len(cfg.runs()), 0
-    for phase, runs in cfg.phases():
+    for k, (phase, runs) in enumerate(phases):
+        new = False
         for arm, size, seed in runs:
             i += 1
             done = (run_dir(cfg, arm, size, seed) / "result.json").exists()
+            new |= not done
             _stage(f"run {i}/{total} ({phase}): {arm}, {size} scenes, seed {seed}{' (done)' if done else ''}")
             results.append(run_one(cfg, paths, arm, size, seed))
         if phase == "main arms" and cfg.curve_every:
@@ -377,9 +372,10 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
                 if arm in cfg.arms:
                     _stage(f"over training: {arm}")
                     curves[arm] = run_curve(cfg, paths, arm)
-        if runs:
+        if new and any(later for _, later in phases[k + 1:]):  # a report of what exists, while the rest runs
             _stage(f"report after the {phase}")
-            report = write_report(cfg, paths, results, curves)
+            write_report(cfg, paths, results, curves)
+    _stage("report")
     report = write_report(cfg, paths, results, curves)
     _stage(f"study done in {time.time() - start:.0f}s")
     return report

@@ -122,8 +122,9 @@ def write_report(cfg, paths: dict[str, Path], results: list[dict], curves: dict[
     out = Path(cfg.out) / "report"
     (out / "figures").mkdir(parents=True, exist_ok=True)
     summary = summarize(cfg, results)
+    teacher = teacher_grounding(paths)
     atomic_write_json(out / "results.json", {"config": cfg.__dict__, "summary": summary, "curves": curves,
-                                             "teacher": teacher_grounding(paths), "runs": results})
+                                             "teacher": teacher, "runs": results})
     figures = write_figures(cfg, paths, summary, curves, out / "figures")
     arms = [a for a in ARMS if a in summary["arms"]]
     n_seeds = {a: len(summary["arms"][a]["test"]["questions"]) for a in arms}
@@ -176,7 +177,6 @@ def write_report(cfg, paths: dict[str, Path], results: list[dict], curves: dict[
         lines.append(_table(["arm", "split", *map(str, sizes)], [
             [a, s, *(_mean_sd(summary["scaling"][a][s].get(str(n), [])) for n in sizes)]
             for a in summary["scaling"] for s in ("test", "ood")]))
-    teacher = teacher_grounding(paths)
     lines += ["", "## The teacher's maps on the test scenes", "",
               "Stage-1 maps of the shipped teacher against the word masks (chance: a random peak).", ""]
     lines.append(_table(["words", "pointing", "chance", "IoU", "entropy", "maps"], [
@@ -273,6 +273,15 @@ def write_figures(cfg, paths: dict[str, Path], summary: dict, curves: dict, out:
     return written
 
 
+def _save(fig, path: Path) -> None:
+    """Lay out, write and close a figure: every figure of the report at the same resolution."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _vlm_stores(cfg, arms: tuple[str, ...]) -> dict[str, Path]:
     from lavender.world.experiment import run_dir
 
@@ -321,9 +330,7 @@ def _maps_figure(cfg, paths, summary, curves, out: Path):
             ax.set_xticks([])
             ax.set_yticks([])
     axes[0][0].set_title("image", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "maps.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "maps.png")
     return "maps.png", ("Per-word maps of test scenes (shape words): the teacher's, the blurred mask, and the VLM's "
                         "own attention (mean over layers and heads, seed 0) before and after fine-tuning")
 
@@ -349,9 +356,7 @@ def _entropy_figure(cfg, paths, summary, curves, out: Path):
     ax.set_xlabel("entropy of the per-word attention over the image (1 = uniform)")
     ax.set_ylabel("maps")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "entropy.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "entropy.png")
     return "entropy.png", "Entropy of per-word attention distributions on the test scenes (seed 0)"
 
 
@@ -374,9 +379,7 @@ def _curve_figure(cfg, paths, summary, curves, out: Path):
     ax.set_xlabel("MSE of the VLM's own attention against the arm's targets (test scenes)")
     ax.set_ylabel("question accuracy (test)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "curve.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "curve.png")
     return "curve.png", ("Alignment error against accuracy over training (seed 0; labels are steps). The error is that "
                          "of the raw attention (mean over layers and heads, not through the Aligner) against the "
                          "arm's targets: the teacher's maps for ar and lavender, the mask targets for oracle")
@@ -400,7 +403,5 @@ def _scaling_figure(cfg, paths, summary, curves, out: Path):
         ax.set_xlabel("fine-tuning scenes")
     axes[0].set_ylabel("question accuracy")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "scaling.png")
     return "scaling.png", "Question accuracy against the fine-tuning set size (mean ± sd over seeds)"
