@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from lavender.align.aggregate import AGGREGATIONS
 from lavender.align.aligner import AlignerConfig
 from lavender.align.words import MATCH_MODES, POSITIONS
+from lavender.dsvlm.config import DSVLMConfig
 
+METHODS = ("lavender", "dsvlm")
 SCHEDULES = ("cosine", "linear", "constant", "step")
 PRECISIONS = ("no", "fp16", "bf16")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -45,6 +47,9 @@ def resolve_precision(given: str, launcher: str) -> str:
 @dataclass
 class TrainConfig:
     # what to train on
+    method: str = field(default="lavender", metadata={
+        "help": "lavender: L_VLM (+ lambda * L_att with --targets); dsvlm: also + mu * L_rec, a frozen diffusion UNet "
+                "reconstructing each image from the VLM's vision features (DS-VLM; the --dsvlm-* options)"})
     model: str = field(default="", metadata={"help": "VLM hub name or directory (any family `lavender` supports)"})
     data: str = field(default="", metadata={
         "help": "LLaVA JSON, HF dataset dir, image folder, or a directory holding train.json"})
@@ -72,6 +77,14 @@ class TrainConfig:
     aligner_hidden: int = field(default=32, metadata={"help": "Aligner channels"})
     aligner_norm: str = field(default="instance", metadata={"help": "instance|batch|group|none"})
     aligner_pretrain_steps: int = field(default=0, metadata={"help": "first steps train only the Aligner"})
+    # DS-VLM
+    mu: float = field(default=1.0, metadata={"help": "weight mu of the reconstruction loss L_rec (--method dsvlm)"})
+    dsvlm_lr: float = field(default=1e-4, metadata={
+        "help": "peak learning rate of DS-VLM's adapters, MoE branches and routers"})
+    dsvlm_init: str = field(default="", metadata={
+        "help": "start DS-VLM's adapters and branches from a trained output (<out>/final or its dsvlm/), e.g. "
+                "after projector pretraining"})
+    dsvlm: DSVLMConfig = field(default_factory=DSVLMConfig, metadata={"help": "the diffusion side of DS-VLM"})
     # which parameters
     lora: bool = field(default=True, metadata={"help": "LoRA through peft (--no-lora: full fine-tuning)"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -79,6 +92,9 @@ class TrainConfig:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     lora_targets: str = field(default=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)", metadata={
         "help": "regex over module names that get LoRA (default: the language model's attention projections)"})
+    train_language: bool = field(default=True, metadata={
+        "help": "train the language model (LoRA or full); --no-train-language with --no-lora trains only what "
+                "--train-vision/--train-projector open, e.g. LLaVA-1.5's projector pretraining"})
     train_vision: bool = field(default=False, metadata={"help": "train the vision tower too"})
     train_projector: bool = field(default=False, metadata={"help": "train the vision-to-text projector too"})
     # optimisation
@@ -117,7 +133,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(i) for i in self.layers)
-        checks = [(self.aggregation, AGGREGATIONS, "--aggregation"), (self.match, MATCH_MODES, "--match"),
+        if isinstance(self.dsvlm, dict):
+            from lavender.config import build_config
+
+            self.dsvlm = build_config(DSVLMConfig, self.dsvlm)
+        checks = [(self.method, METHODS, "--method"), (self.aggregation, AGGREGATIONS, "--aggregation"),
+                  (self.match, MATCH_MODES, "--match"),
                   (self.align_position, POSITIONS, "--align-position"), (self.schedule, SCHEDULES, "--schedule"),
                   (self.mixed_precision, ("", *PRECISIONS), "--mixed-precision"), (self.dtype, DTYPES, "--dtype")]
         for value, allowed, flag in checks:
@@ -128,7 +149,8 @@ class TrainConfig:
                              "must be positive")
         if min(self.save_every, self.limit, self.warmup_steps, self.step_every) < 0:
             raise ValueError("--save-every, --limit, --warmup-steps and --step-every must not be negative")
-        rates = {"--lr": self.lr, "--aligner-lr": self.aligner_lr, "--learn-lr": self.learn_lr}
+        rates = {"--lr": self.lr, "--aligner-lr": self.aligner_lr, "--learn-lr": self.learn_lr,
+                 "--dsvlm-lr": self.dsvlm_lr, "--mu": self.mu}
         for flag, value in rates.items():
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{flag} must be a number of at least 0, got {value}")
@@ -140,6 +162,11 @@ class TrainConfig:
             raise ValueError(f"--layers names a layer twice: {self.layers}")
         if self.keep_checkpoints < 1:
             raise ValueError("--keep-checkpoints must be at least 1")
+        if not self.train_language and self.lora:
+            raise ValueError("--no-train-language leaves LoRA nothing to adapt: add --no-lora (and --train-projector "
+                             "or --train-vision for what should train)")
+        if self.dsvlm_init and self.method != "dsvlm":
+            raise ValueError("--dsvlm-init needs --method dsvlm")
         if self.lam < 0 or self.aligner_pretrain_steps < 0:
             raise ValueError("--lam and --aligner-pretrain-steps must not be negative")
         if self.aligner_pretrain_steps and self.aligner_pretrain_steps >= self.steps:
@@ -159,6 +186,11 @@ class TrainConfig:
         """The mixed precision this run uses: `--mixed-precision`, else the launcher's, else "no" (see
         `resolve_precision`, which raises ValueError on a disagreement)."""
         return resolve_precision(self.mixed_precision, os.environ.get(LAUNCHER_PRECISION, ""))
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether the run adds DS-VLM's reconstruction loss."""
+        return self.method == "dsvlm" and self.mu > 0
 
     @property
     def aligns(self) -> bool:

@@ -77,6 +77,25 @@ class Encoded:
     words: list[AlignedWord] = field(default_factory=list)
     events: Counter = field(default_factory=Counter)  # what went wrong or was adjusted, for the logs
     view: CommonView | None = None  # the part of the image both the targets and the VLM's plane describe
+    pixels: torch.Tensor | None = None  # (3, R, R) in [-1, 1]: the VLM's image plane, for DS-VLM's reconstruction
+
+
+def plane_image(image, view: ImageView, size: int) -> torch.Tensor:
+    """What a VLM's image plane shows, as an image: the part of `image` (PIL, RGB) in `view.image`, resized into
+    `view.plane` of a `size` x `size` canvas whose rest (the plane's padding) is 0, mid-grey: (3, size, size) in
+    [-1, 1]. DS-VLM reconstructs this, so the image and the vision features share one geometry."""
+    from PIL import Image
+
+    width, height = image.size
+    top, left, bottom, right = view.image
+    crop = image.convert("RGB").crop((round(left * width), round(top * height), round(right * width),
+                                      round(bottom * height)))
+    p_top, p_left, p_bottom, p_right = (round(v * size) for v in view.plane)
+    canvas = torch.zeros(3, size, size)
+    w, h = max(p_right - p_left, 1), max(p_bottom - p_top, 1)
+    pixels = np.asarray(crop.resize((w, h), Image.BICUBIC), np.float32) / 127.5 - 1.0
+    canvas[:, p_top:p_top + h, p_left:p_left + w] = torch.from_numpy(pixels).permute(2, 0, 1)
+    return canvas
 
 
 def resolve_data(path: str) -> str:
@@ -285,7 +304,8 @@ class StageTwoDataset(Dataset):
 
     def __init__(self, samples: list[Sample], processor, image_token_id: int, targets: AttentionTargets | None,
                  instruction: str, max_length: int, match: str = "exact", position: str = "input",
-                 retries: int = 16, refused: list[Refusal] | None = None, view: ViewFunction | None = None):
+                 retries: int = 16, refused: list[Refusal] | None = None, view: ViewFunction | None = None,
+                 plane_size: int = 0):
         samples, unanswered = split_answered(samples)
         self.refused = [*(refused or []), *unanswered]
         # counted once, not per access; the trainer adds these to its running counts
@@ -294,6 +314,7 @@ class StageTwoDataset(Dataset):
         self.samples, self.processor, self.targets = samples, processor, targets
         self.image_token_id, self.instruction, self.max_length = image_token_id, instruction, max_length
         self.match, self.position, self.retries = match, position, retries
+        self.plane_size = plane_size  # > 0: each sample carries its image plane at this size (DS-VLM)
         self._bad: set[int] = set()  # indices found unusable in this process
         self.text_source = targets.settings.get("text", "caption") if targets is not None else "caption"
         self.placeholder_chars = len(getattr(processor, "image_token", "") or "")
@@ -392,11 +413,15 @@ class StageTwoDataset(Dataset):
             events[event] += 1
             return Encoded({}, sample.id, events=events)
         inputs["labels"] = labels[None]
+        pixels = None
+        if self.plane_size:
+            shown = self.view(self.processor, image.size, inputs) if self.view is not None else ImageView()
+            pixels = plane_image(image, shown, self.plane_size)
         if self.targets is None:
-            return Encoded(inputs, sample.id, [], events)
+            return Encoded(inputs, sample.id, [], events, pixels=pixels)
         view = self.common_view(sample, image.size, inputs, events)
         words = self._align(sample, text, spans, offsets, real, events, view) if view is not None else []
-        return Encoded(inputs, sample.id, words, events, view)
+        return Encoded(inputs, sample.id, words, events, view, pixels)
 
     def common_view(self, sample: Sample, image_size: tuple[int, int], inputs: dict,
                     events: Counter) -> CommonView | None:
@@ -473,11 +498,13 @@ class Batch:
     events: Counter
     sample_ids: list[str] = field(default_factory=list)
     views: list[CommonView | None] = field(default_factory=list)  # per sample, as `Encoded.view`
+    pixels: torch.Tensor | None = None  # (B, 3, R, R), as `Encoded.pixels`
 
     def to(self, device: torch.device | str, **kwargs) -> Batch:
         inputs = {k: v.to(device, **kwargs) for k, v in self.inputs.items()}
         words = [AlignedWord(w.word, w.rows, w.weights, w.target.to(device, **kwargs)) for w in self.words]
-        return Batch(inputs, words, self.word_sample, self.events, self.sample_ids, self.views)
+        pixels = None if self.pixels is None else self.pixels.to(device, **kwargs)
+        return Batch(inputs, words, self.word_sample, self.events, self.sample_ids, self.views, pixels)
 
     @property
     def plane_boxes(self) -> list[Box]:
@@ -517,4 +544,5 @@ class Collator:
         words = [w for e in encoded for w in e.words]
         sample = torch.tensor([b for b, e in enumerate(encoded) for _ in e.words], dtype=torch.long)
         events = sum((e.events for e in encoded), Counter())
-        return Batch(inputs, words, sample, events, [e.sample_id for e in encoded], [e.view for e in encoded])
+        pixels = torch.stack([e.pixels for e in encoded]) if encoded[0].pixels is not None else None
+        return Batch(inputs, words, sample, events, [e.sample_id for e in encoded], [e.view for e in encoded], pixels)

@@ -1,6 +1,7 @@
-"""L_total = L_VLM + lambda * L_att as one module, so a distributed wrapper sees a single forward.
+"""L_total = L_VLM + lambda * L_att (+ mu * L_rec, DS-VLM) as one module, so a distributed wrapper sees a single
+forward.
 
-Both terms come back as sums with their counts (label tokens, matched words). The trainer divides by the
+Every term comes back as a sum with its count (label tokens, matched words, samples). The trainer divides by the
 counts over every process and micro-batch of the optimizer step, so a step's loss is the same whether the
 global batch runs in one process or is split over several.
 """
@@ -164,11 +165,11 @@ class AttentionAlignment(nn.Module):
 
 
 class LavenderObjective(nn.Module):
-    """The VLM and (optionally) its alignment, trained together."""
+    """The VLM and, optionally, its alignment (Lavender) and its diffusion supervision (DS-VLM), trained together."""
 
-    def __init__(self, vlm: nn.Module, alignment: AttentionAlignment | None = None):
+    def __init__(self, vlm: nn.Module, alignment: AttentionAlignment | None = None, reconstruction=None):
         super().__init__()
-        self.vlm, self.alignment = vlm, alignment
+        self.vlm, self.alignment, self.reconstruction = vlm, alignment, reconstruction
         self.keeps_logits = keeps_logits(vlm)
 
     def label_logits(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -186,30 +187,41 @@ class LavenderObjective(nn.Module):
         return logits[keep] if logits.dim() == 3 else logits
 
     def forward(self, batch: Batch, train_vlm: bool = True) -> dict[str, torch.Tensor]:
-        """Sums and counts of both terms. With `train_vlm=False` (Aligner pretraining) the VLM runs without
-        a graph, so only the Aligner learns."""
+        """Sums and counts of every term; with DS-VLM also the sum of each reconstruction loss (`rec_<term>_sum`).
+        With `train_vlm=False` (Aligner pretraining) the VLM runs without a graph, so only the Aligner (and the
+        diffusion side's adapters) learn."""
         inputs = {k: v for k, v in batch.inputs.items() if k != "labels"}
         labels = batch.inputs["labels"]
         capture = self.alignment.capture(batch) if self.alignment is not None else nullcontext({})
-        with torch.set_grad_enabled(train_vlm and torch.is_grad_enabled()), capture as captured:
+        taps = self.reconstruction.recording() if self.reconstruction is not None else nullcontext({})
+        with torch.set_grad_enabled(train_vlm and torch.is_grad_enabled()), capture as captured, taps as tapped:
             logits = self.label_logits(inputs, labels)
             lm_sum = language_loss_sum(logits, labels[:, 1:][labels[:, 1:] != IGNORE])
         out = {"lm_sum": lm_sum, "lm_count": torch.tensor(batch.label_tokens, dtype=torch.float)}
         if self.alignment is not None:
             att_sum, n = self.alignment.error_sum(captured, batch)
             out |= {"att_sum": att_sum, "att_count": torch.tensor(float(n))}
+        if self.reconstruction is not None:
+            if batch.pixels is None:
+                raise ValueError("DS-VLM needs each sample's image plane (`Batch.pixels`)")
+            terms = self.reconstruction(tapped, batch.inputs, batch.pixels, batch.sample_ids)
+            out |= {"rec_sum": terms.pop("rec").sum(), "rec_count": torch.tensor(float(len(batch.sample_ids)))}
+            out |= {f"rec_{k}_sum": v.detach().sum() for k, v in terms.items()}
         return out
 
 
 def build_objective(vlm: nn.Module, aligns: bool, layers: tuple[int, ...], aggregation: str,
-                    aligner: AlignerConfig, per_sample_rows: bool = PER_SAMPLE_ROWS) -> LavenderObjective:
-    """The objective for `vlm`; with `aligns`, the alignment of `layers` (default: `default_layers`)."""
+                    aligner: AlignerConfig, per_sample_rows: bool = PER_SAMPLE_ROWS,
+                    reconstruction=None) -> LavenderObjective:
+    """The objective for `vlm`; with `aligns`, the alignment of `layers` (default: `default_layers`); with
+    `reconstruction` (a `lavender.dsvlm.supervision.DiffusionSupervision`), DS-VLM's term."""
     if not aligns:
-        return LavenderObjective(vlm)
+        return LavenderObjective(vlm, reconstruction=reconstruction)
     adapter = adapter_for(vlm)
     chosen = list(layers) or default_layers(adapter, aggregation)
     unknown = sorted(set(chosen) - set(adapter.alignable_layers()))
     if unknown:
         raise ValueError(f"layers {unknown} cannot be aligned in a {adapter.family} model; "
                          f"alignable: {adapter.alignable_layers()}")
-    return LavenderObjective(vlm, AttentionAlignment(adapter, chosen, aggregation, aligner, per_sample_rows))
+    return LavenderObjective(vlm, AttentionAlignment(adapter, chosen, aggregation, aligner, per_sample_rows),
+                             reconstruction)

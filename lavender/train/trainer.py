@@ -13,6 +13,7 @@ and that the targets store covers the data (by sample id, and by the words of a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from lavender.align.config import ALIGNER_DIR, WEIGHTS_NAME, AlignmentConfig
 from lavender.data.samples import Sample
 from lavender.data.targets import FAILURES_FILE, AttentionTargets
+from lavender.dsvlm.config import DSVLM_DIR
 from lavender.train.config import AUTOCAST, LAUNCHER_PRECISION, TrainConfig
 from lavender.train.data import (
     EVENTS,
@@ -235,6 +237,13 @@ def select_parameters(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         _named(model, PROJECTOR_MODULES) if cfg.train_projector else [])
     extra = [n for n in extra if not any(n.startswith(m + ".") for m in extra)]  # a projector inside the tower
     model.requires_grad_(False)
+    if not cfg.train_language:  # only the vision side opened above trains (TrainConfig refuses LoRA here)
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(name.startswith(m + ".") for m in extra))
+        if not extra:
+            raise ValueError("--no-train-language with neither --train-projector nor --train-vision trains nothing "
+                             "of the VLM")
+        return model
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -295,10 +304,13 @@ def lr_lambda(cfg: TrainConfig, start: int = 0):
 
 def parameter_groups(objective: LavenderObjective, cfg: TrainConfig) -> list[dict]:
     """AdamW groups, each with its peak rate and the step its schedule starts: the VLM's trainable parameters
-    (`--lr`, from the end of Aligner pretraining), the Aligner (`--aligner-lr`, from step 0) and, with the
-    `learn` aggregation, W_Qd/W_Kd (`--learn-lr`, from step 0)."""
+    (`--lr`, from the end of Aligner pretraining), DS-VLM's adapters and branches (`--dsvlm-lr`, from step 0), the
+    Aligner (`--aligner-lr`, from step 0) and, with the `learn` aggregation, W_Qd/W_Kd (`--learn-lr`, from step 0)."""
     groups = [{"name": "vlm", "params": [p for p in objective.vlm.parameters() if p.requires_grad], "lr": cfg.lr,
                "start": cfg.aligner_pretrain_steps}]
+    if objective.reconstruction is not None:
+        groups.append({"name": "dsvlm", "params": [p for p in objective.reconstruction.parameters() if p.requires_grad],
+                       "lr": cfg.dsvlm_lr, "start": 0})
     alignment = objective.alignment
     if alignment is not None:
         learned = {id(p) for p in alignment.learned.parameters()} if alignment.learned is not None else set()
@@ -395,11 +407,17 @@ def alignment_config(objective: LavenderObjective, cfg: TrainConfig, dataset: St
                            instruction=cfg.instruction)
 
 
+def _jsonable(value):
+    """JSON for the settings file: tuples as lists, nested configs as mappings."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else list(value)
+
+
 def save_final(objective: LavenderObjective, processor, out: Path, cfg: TrainConfig,
                state: dict[str, torch.Tensor] | None = None, alignment: AlignmentConfig | None = None,
                trained: int | None = None) -> Path:
-    """The fine-tuned VLM (a peft adapter or a full model) with its processor, and the Aligner beside it in
-    `aligner/` (`model.safetensors` and `alignment_config.json`, see `lavender.align.config`).
+    """The fine-tuned VLM (a peft adapter or a full model) with its processor, the Aligner beside it in
+    `aligner/` (`model.safetensors` and `alignment_config.json`, see `lavender.align.config`), and DS-VLM's
+    adapters and branches in `dsvlm/` (`model.safetensors` and `dsvlm_config.json`).
 
     `state` is the full state dict gathered from a sharded run (FSDP, DeepSpeed); otherwise the modules'
     own parameters are saved. An FSDP-prepared `objective` is saved through `unwrapped`, so that peft finds the
@@ -428,8 +446,13 @@ def save_final(objective: LavenderObjective, processor, out: Path, cfg: TrainCon
         aligner_state = objective.alignment.state_dict() if state is None else _part(state, "alignment.")
         alignment.save_pretrained(tmp / ALIGNER_DIR)
         save_file({k: v.contiguous() for k, v in aligner_state.items()}, str(tmp / ALIGNER_DIR / WEIGHTS_NAME))
+    if objective.reconstruction is not None:  # beside the VLM, never in it: the saved VLM has no extra parameter
+        diffusion = objective.reconstruction.diffusion
+        part = None if state is None else {k: v.contiguous() for k, v in _part(
+            state, "reconstruction.diffusion.").items() if k.startswith(("adapters.", "branches."))}
+        diffusion.save_pretrained(tmp / DSVLM_DIR, part)
     settings = cfg.__dict__ | {"mixed_precision": cfg.precision}
-    (tmp / "lavender_train.json").write_text(json.dumps(settings, indent=2, default=list) + "\n")
+    (tmp / "lavender_train.json").write_text(json.dumps(settings, indent=2, default=_jsonable) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -465,7 +488,7 @@ class Trainer:
             # Aligner pretraining runs the VLM without a graph, and a vision tower's last layers may feed
             # nothing (LLaVA reads the second-to-last layer): parameters that see no gradient in a step
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(
-                cfg.aligner_pretrain_steps or cfg.train_vision or cfg.train_projector))])
+                cfg.aligner_pretrain_steps or cfg.train_vision or cfg.train_projector or cfg.reconstructs))])
         if self.accelerator.distributed_type.value == "DEEPSPEED" and cfg.grad_accum > 1:
             raise ValueError("with DeepSpeed, set gradient accumulation in its config, not --grad-accum")
         if self._flat_fsdp and cfg.dtype in AUTOCAST:
@@ -494,7 +517,11 @@ class Trainer:
         model = select_parameters(model, cfg)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        objective = build_objective(model, cfg.aligns, cfg.layers, cfg.aggregation, cfg.aligner(1, resolution))
+        reconstruction = build_reconstruction(model, cfg) if cfg.reconstructs else None
+        if reconstruction is not None:
+            self.dataset.plane_size = reconstruction.resolution
+        objective = build_objective(model, cfg.aligns, cfg.layers, cfg.aggregation, cfg.aligner(1, resolution),
+                                    reconstruction=reconstruction)
         keep_trainable_in_float32(objective)
         self._check_dtypes(objective)
         self.trained = trainable_count(objective.vlm)  # before sharding spreads the parameters over processes
@@ -671,9 +698,13 @@ class Trainer:
         to skip the step and lower the scale, so the step is skipped and counted, not fatal."""
         cfg, acc = self.cfg, self.accelerator
         train_vlm = self.progress.step >= cfg.aligner_pretrain_steps
-        tokens, words = self._global([sum(b.label_tokens for b in micro), sum(len(b.words) for b in micro)])
+        tokens, words, samples = self._global([sum(b.label_tokens for b in micro), sum(len(b.words) for b in micro),
+                                               sum(len(b.sample_ids) for b in micro)])
         world = acc.num_processes
-        lm_total, att_total = 0.0, 0.0
+        lm_total, att_total, rec_totals = 0.0, 0.0, Counter()
+        reconstruction = acc.unwrap_model(self.objective).reconstruction
+        if reconstruction is not None:  # the noise and timestep draws depend on them, not on the process
+            reconstruction.diffusion.seed, reconstruction.diffusion.step = cfg.seed, self.progress.step
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             with nullcontext() if last else acc.no_sync(self.objective):
@@ -683,13 +714,20 @@ class Trainer:
                     loss = loss + out["lm_sum"] * (world / max(tokens, 1))
                 if "att_sum" in out:
                     loss = loss + cfg.lam * out["att_sum"] * (world / max(words, 1))
+                if "rec_sum" in out:
+                    loss = loss + cfg.mu * out["rec_sum"] * (world / max(samples, 1))
                 lm_total += float(out["lm_sum"].detach())
                 att_total += float(out.get("att_sum", torch.zeros(())).detach())
+                rec_totals.update({k: float(v.detach()) for k, v in out.items() if k.startswith("rec_")
+                                   and k.endswith("_sum")})
                 if last:  # one reduction serves the logs and the check: a NaN or Inf anywhere makes the sums so
-                    lm_sum, att_sum = self._global([lm_total, att_total])
-                    if not math.isfinite(lm_sum + att_sum):
+                    rec_names = sorted(rec_totals)
+                    lm_sum, att_sum, *rec_sums = self._global([lm_total, att_total,
+                                                               *(rec_totals[k] for k in rec_names)])
+                    if not math.isfinite(lm_sum + att_sum + sum(rec_sums)):
                         self._stop(f"non-finite loss at step {self.progress.step + 1} (L_VLM sum {lm_sum}, "
-                                   f"L_att sum {att_sum})")
+                                   f"L_att sum {att_sum}" + "".join(f", {k} {v}" for k, v in zip(rec_names, rec_sums))
+                                   + ")")
                 acc.backward(loss)
         lrs = {g["name"]: g["lr"] for g in self.scheduler.optimizer.param_groups}
         norm = None
@@ -713,6 +751,10 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"L_VLM": lm_sum / max(tokens, 1), "lr": lrs["vlm"]}
+        if rec_names:  # L_rec, and each of its terms as L_rec/<term>, per sample
+            named = dict(zip(rec_names, rec_sums))
+            metrics |= {"L_rec": named.pop("rec_sum") / max(samples, 1), "lr_dsvlm": lrs["dsvlm"]}
+            metrics |= {f"L_rec/{k[4:-4]}": v / max(samples, 1) for k, v in named.items()}
         if cfg.aligns:
             metrics |= {"L_att": att_sum / max(words, 1), "matched_words": words, "lr_aligner": lrs["aligner"]}
             metrics |= {"lr_learn": lrs["learn"]} if "learn" in lrs else {}
@@ -750,7 +792,8 @@ class Trainer:
             self.progress.step += 1
             self._log(metrics, micro)
             bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("L_VLM", "L_att", "matched_words")})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("L_VLM", "L_att", "L_rec",
+                                                                               "matched_words")})
             if cfg.save_every and self.progress.step % cfg.save_every == 0 and self.progress.step < cfg.steps:
                 self.save_checkpoint()
         bar.close()
@@ -767,6 +810,18 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         return final
+
+
+def build_reconstruction(model: nn.Module, cfg: TrainConfig):
+    """DS-VLM's term for `model` (after `select_parameters`, so that it reads the modules that run), started from
+    `--dsvlm-init` if given."""
+    from lavender.dsvlm.supervision import build_supervision
+
+    supervision = build_supervision(model, cfg.dsvlm)
+    if cfg.dsvlm_init:
+        path = Path(cfg.dsvlm_init)
+        supervision.diffusion.load_trainable(path / DSVLM_DIR if (path / DSVLM_DIR).is_dir() else path)
+    return supervision
 
 
 def train(cfg: TrainConfig) -> Path:

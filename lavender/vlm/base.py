@@ -107,6 +107,26 @@ class VLMAdapter(ABC):
         for that one sample (batch dimension 1). A classmethod: the data pipeline calls it without the model.
         """
 
+    # -- DS-VLM: the vision side, for families that support it (`supports_dsvlm`) ---------------------------
+    supports_dsvlm: ClassVar[bool] = False
+    vision_layer_pattern: ClassVar[str] = ""  # regex of the vision encoder's layer module names, index in group 1
+    projector_name: ClassVar[str] = ""  # the last part of the vision-to-text projector's module name
+
+    def vision_depth(self) -> int:
+        """Layers of the vision encoder."""
+        raise NotImplementedError(f"DS-VLM does not support {self.family} models yet")
+
+    def vision_width(self) -> int:
+        """Channels of the vision encoder's layer outputs."""
+        return self.model.config.vision_config.hidden_size
+
+    def vision_tokens(self, output: torch.Tensor, batch: dict, merged: bool) -> list[tuple[torch.Tensor,
+                                                                                          torch.Tensor]]:
+        """One vision-encoder layer's output (`merged` False) or the projector's (True), as the model computed it
+        for `batch`, split per sample: (tokens (N, C), cells (N, 2)), the cells each token's (row, column) centre
+        as fractions of the image plane, class tokens left out."""
+        raise NotImplementedError(f"DS-VLM does not support {self.family} models yet")
+
 
 class SelfAttentionAdapter(VLMAdapter):
     """A family whose image tokens sit in the text sequence, one run per image, row-major over its plane, and

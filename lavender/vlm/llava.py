@@ -14,6 +14,7 @@ Capture and `learn`: see `SelfAttentionAdapter`; the text model's rotary embeddi
 
 from __future__ import annotations
 
+import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lavender.data.frame import FULL, ImageView, intersect, relative
@@ -75,6 +76,26 @@ class LlavaAdapter(SelfAttentionAdapter):
     @classmethod
     def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:
         return clip_view(processor.image_processor, image_size)
+
+    # DS-VLM: the CLIP or SigLIP encoder's layers, and the projector; every sample shows the same G x G grid
+    supports_dsvlm = True
+    vision_layer_pattern = r"vision_tower\..*encoder\.layers\.(\d+)$"
+    projector_name = "multi_modal_projector"
+
+    def vision_depth(self) -> int:
+        return self.model.config.vision_config.num_hidden_layers
+
+    def vision_tokens(self, output, batch, merged):
+        grid = patch_grid(self.model)
+        if output.shape[1] == grid * grid + 1:  # a class token first (every encoder layer; the 'full' strategy)
+            output = output[:, 1:]
+        if output.shape[1] != grid * grid:
+            raise ValueError(f"expected {grid * grid} vision tokens per image, got {output.shape[1]}")
+        if output.shape[0] != batch["input_ids"].shape[0]:
+            raise ValueError("DS-VLM supports one image per sample")
+        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        cells = (torch.stack([rows, cols], dim=-1).flatten(0, 1).float() + 0.5) / grid  # (G*G, 2), row-major
+        return [(tokens, cells.to(output.device)) for tokens in output]
 
 
 __all__ = ["LlavaAdapter", "clip_view", "image_key_positions", "keys_to_plane", "patch_grid"]

@@ -26,6 +26,7 @@ rotated q and k, and `learn` applies that function to its own.
 
 from __future__ import annotations
 
+import torch
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from lavender.data.frame import ImageView
@@ -63,6 +64,41 @@ class Qwen2VLAdapter(SelfAttentionAdapter):
     @classmethod
     def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:
         return ImageView()  # the whole image on the whole plane
+
+    # DS-VLM: the vision blocks (packed patches of every image of the batch) and the patch merger. Qwen2.5-VL's
+    # blocks see the patches in attention-window order, which `vision_tokens` does not undo: it is not served.
+    vision_layer_pattern = r"visual\.blocks\.(\d+)$"
+    projector_name = "merger"
+
+    @property
+    def supports_dsvlm(self) -> bool:
+        return self.model.config.model_type == "qwen2_vl"
+
+    def vision_depth(self) -> int:
+        return self.model.config.vision_config.depth
+
+    def vision_width(self) -> int:
+        return self.model.config.vision_config.embed_dim  # its `hidden_size` is the merger's output width
+
+    def vision_tokens(self, output, batch, merged):
+        m = self.model.config.vision_config.spatial_merge_size
+        grids = image_planes(batch, m)  # (rows, cols) of merged tokens per image
+        sizes = [r * c * (1 if merged else m * m) for r, c in grids]
+        if output.shape[0] != sum(sizes):
+            raise ValueError(f"expected {sum(sizes)} packed vision tokens for this batch, got {output.shape[0]}")
+        split = []
+        for tokens, (rows, cols) in zip(output.split(sizes), grids):
+            r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+            if merged:  # merged token j covers block (j // cols, j % cols)
+                cells = torch.stack([r, c], dim=-1).flatten(0, 1).float() + 0.5
+                cells = cells / torch.tensor([rows, cols])
+            else:  # block-major: each block's m x m patches row-major inside it
+                i, j = torch.meshgrid(torch.arange(m), torch.arange(m), indexing="ij")
+                patch_r = (r.flatten()[:, None] * m + i.flatten()[None]).flatten()
+                patch_c = (c.flatten()[:, None] * m + j.flatten()[None]).flatten()
+                cells = (torch.stack([patch_r, patch_c], dim=-1).float() + 0.5) / torch.tensor([rows * m, cols * m])
+            split.append((tokens, cells.to(output.device)))
+        return split
 
 
 __all__ = ["Qwen2VLAdapter", "image_key_positions", "image_planes", "keys_to_plane"]
