@@ -227,7 +227,8 @@ class MultiAdapterDiffusion(nn.Module):
         z_t = torch.randn(z0.shape, generator=g).to(z0)
         start = torch.full((z0.shape[0],), len(self.alphas) - 1, device=z0.device)
         stride = max(len(self.alphas) // self.cfg.sample_steps, 1)
-        index = {t: max(0, round((len(self.alphas) - 1 - t) / stride)) for t in timesteps}
+        last = (len(self.alphas) - 1) // stride  # the grid's last step index (its timestep is the smallest)
+        index = {t: min(last, max(0, round((len(self.alphas) - 1 - t) / stride))) for t in timesteps}
         with self.conditioned(features):
             _, kept = self.ddim(z_t, start, self.cfg.sample_steps, tuple(index.values()))
         return {t: self.decode(kept[i]).clamp(-1, 1) for t, i in index.items() if i in kept}
