@@ -8,11 +8,12 @@ VLM's forward, so one training step computes `L_VLM + lambda * L_att + mu * L_re
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from lavender.dsvlm.config import DSVLMConfig
+from lavender.dsvlm.config import DSVLM_DIR, DSVLMConfig
 from lavender.dsvlm.diffusion import MultiAdapterDiffusion, load_diffusion
 from lavender.dsvlm.features import FeatureTaps, check_supported, default_vision_layers
 from lavender.vlm.base import adapter_for
@@ -52,3 +53,31 @@ def build_supervision(vlm: nn.Module, cfg: DSVLMConfig) -> DiffusionSupervision:
     widths = {"text": adapter.model.config.text_config.hidden_size,
               **{level: adapter.vision_width() for level in ("low", "mid", "high")}}
     return DiffusionSupervision(taps, MultiAdapterDiffusion(load_diffusion(cfg.diffusion), cfg, widths))
+
+
+def load_supervision(vlm: nn.Module, directory: str | Path) -> DiffusionSupervision:
+    """DS-VLM's trained diffusion side for `vlm`, from a training output's `dsvlm/` (or `<out>/final`): its saved
+    `DSVLMConfig` and weights. Raises FileNotFoundError without one, ValueError if it does not fit `vlm`."""
+    path = Path(directory)
+    path = path / DSVLM_DIR if (path / DSVLM_DIR).is_dir() else path
+    supervision = build_supervision(vlm, DSVLMConfig.from_pretrained(path))
+    supervision.diffusion.load_trainable(path)
+    return supervision
+
+
+@torch.no_grad()
+def reconstruct_samples(vlm: nn.Module, processor, supervision: DiffusionSupervision, samples: list,
+                        timesteps: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The paper's Figure 5 for `samples` (`lavender.data.samples.Sample`s with images): each one's image plane
+    (N, 3, R, R) and, per timestep of `timesteps`, the diffusion module's clean-image estimate while it denoises
+    pure noise under the sample's features (see `MultiAdapterDiffusion.reconstruct`), all in [-1, 1]."""
+    from lavender.train.data import Collator, StageTwoDataset
+
+    adapter = adapter_for(vlm)
+    dataset = StageTwoDataset(samples, processor, adapter.image_token_id, None, instruction="Describe the image.",
+                              max_length=4096, view=type(adapter).image_view, plane_size=supervision.resolution)
+    batch = Collator.for_processor(processor)([dataset.encode(s, s.load_image()) for s in samples])
+    with supervision.recording() as outputs:
+        vlm(**{k: v for k, v in batch.inputs.items() if k != "labels"})
+    features = supervision.taps.features(outputs, batch.inputs)
+    return batch.pixels, supervision.diffusion.reconstruct(features, batch.pixels, timesteps, seed)
