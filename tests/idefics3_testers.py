@@ -1,0 +1,237 @@
+"""Tiny seeded Idefics3 / SmolVLM models with their processor (PIL image processor, no torchvision), the tester of
+the shared adapter suite, and the offsets change the stage-2 data pipeline needs for this family.
+
+The processor saved with both tiny models is the stock `Idefics3Processor` around the family's PIL image processor
+(`Idefics3ImageProcessorPil`, or `SmolVLMImageProcessorPil` for SmolVLM) and a word-level tokenizer with the
+family's special tokens, the 36 `<row_i_col_j>` markers and a newline token (the released tokenizers keep
+newlines). `SmolVLMProcessor` itself cannot be loaded here: it needs a video processor, which needs torchvision,
+and `num2words`; for images it writes the same text as `Idefics3Processor` (tested).
+
+Crops are 16 pixels with 2-pixel patches, pixel-shuffled 2 x 2: 4 x 4 tokens per frame (`image_seq_len` 16). The
+saved processor resizes the longest edge to 32 pixels, so a square image becomes 2 x 2 crops plus the global view.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import (
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3Processor,
+    PreTrainedTokenizerFast,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+)
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+from vlm_testers import VLMTester
+
+from lavender.world.base_vlm import DIGITS, PUNCTUATION, tokenizer_words
+
+CROP, PATCH, SCALE = 16, 2, 2  # crop pixels, patch pixels, pixel-shuffle factor
+SIDE = CROP // PATCH // SCALE  # tokens per side of a frame
+SEQ = SIDE * SIDE  # image_seq_len
+CANVAS = 32  # the saved processor's longest edge
+START, END_OF_UTTERANCE, PAD, UNK = "<|im_start|>", "<end_of_utterance>", "<|endoftext|>", "<|unk|>"
+FAKE, IMAGE, GLOBAL = "<fake_token_around_image>", "<image>", "<global-img>"
+MARKERS = tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))
+SPECIAL_TOKENS = (START, END_OF_UTTERANCE, PAD, UNK, FAKE, IMAGE, GLOBAL, *MARKERS)
+KINDS = ("idefics3", "smolvlm")
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level: the shapes world's words, roles, digits and punctuation, a newline token, then the specials.
+
+    Spaces make no token, a newline does; text is lower-cased (the chat template writes "User", "Assistant")."""
+    words = sorted({w.lower() for w in tokenizer_words()} | {"user", "assistant"})
+    pieces = list(dict.fromkeys([*words, *DIGITS, *PUNCTUATION]))
+    vocab = {t: i for i, t in enumerate([*pieces, "\n", *SPECIAL_TOKENS])}
+    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Whitespace(),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=START,
+        eos_token=END_OF_UTTERANCE,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=1024,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        extra_special_tokens={
+            "image_token": IMAGE,
+            "fake_image_token": FAKE,
+            "global_image_token": GLOBAL,
+            "end_of_utterance_token": END_OF_UTTERANCE,
+        },
+    )
+
+
+def build_image_processor(kind: str = "idefics3", longest_edge: int = CANVAS, splitting: bool = True):
+    """The family's PIL image processor: longest edge to `longest_edge`, then crops of `CROP` pixels."""
+    cls = SmolVLMImageProcessorPil if kind == "smolvlm" else Idefics3ImageProcessorPil
+    return cls(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": CROP}, do_image_splitting=splitting)
+
+
+def build_processor(kind: str = "idefics3", image_processor=None) -> Idefics3Processor:
+    return Idefics3Processor(
+        image_processor=image_processor or build_image_processor(kind),
+        tokenizer=build_tokenizer(),
+        image_seq_len=SEQ,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
+    )
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast, kind: str = "idefics3") -> Idefics3Config | SmolVLMConfig:
+    """3 Llama text layers with 4 query / 2 key-value heads; a 2-layer vision tower on 16-pixel crops."""
+    ids = tokenizer.convert_tokens_to_ids
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=CROP,
+        patch_size=PATCH,
+    )
+    text = dict(
+        model_type="llama",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=ids(START),
+        eos_token_id=ids(END_OF_UTTERANCE),
+        pad_token_id=ids(PAD),
+    )
+    cls = SmolVLMConfig if kind == "smolvlm" else Idefics3Config
+    return cls(vision_config=vision, text_config=text, image_token_id=ids(IMAGE), scale_factor=SCALE)
+
+
+def tiny_idefics3(attn: str, kind: str = "idefics3"):
+    """A seeded random Idefics3ForConditionalGeneration (or SmolVLM's) using kernel `attn`, in eval mode."""
+    config = tiny_config(build_tokenizer(), kind)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    cls = SmolVLMForConditionalGeneration if kind == "smolvlm" else Idefics3ForConditionalGeneration
+    return cls(config).eval()
+
+
+def chat(question: str, answer: str) -> list[dict]:
+    """One image-question-answer exchange in the message format the stage-2 trainer uses."""
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+
+
+def noise_image(height: int, width: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# (question, answer, image height, width): a wide image (1 x 2 crops: 3 frames, padded to 5 by the processor) and
+# a square one (2 x 2 crops and the global view), the longer sample
+SAMPLES = (
+    ("what is this ?", "two .", 16, 32),
+    ("how many objects are there in the picture ?", "a red circle .", 32, 32),
+)
+
+
+def idefics3_inputs(padding_side: str = "left", count: int = 2, kind: str = "idefics3") -> dict:
+    """The first `count` of `SAMPLES` through the processor (frames padded by it), padded on `padding_side`."""
+    processor = build_processor(kind)
+    samples = SAMPLES[:count]
+    texts = [processor.apply_chat_template(chat(q, a), tokenize=False) for q, a, _, _ in samples]
+    images = [[noise_image(h, w, seed=i)] for i, (_, _, h, w) in enumerate(samples)]
+    return dict(processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt"))
+
+
+def save_tiny_idefics3(out: str | Path, kind: str = "idefics3") -> Path:
+    """Save a seeded tiny model and its processor to `out`, loadable by `AutoModelForImageTextToText` and
+    `AutoProcessor` `.from_pretrained(out)`; returns the path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = tiny_idefics3("sdpa", kind)
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id = model.config.text_config.eos_token_id, model.config.text_config.pad_token_id
+    model.save_pretrained(out)
+    build_processor(kind).save_pretrained(out)
+    return out
+
+
+class Idefics3Tester(VLMTester):
+    """Idefics3 or SmolVLM: Llama self-attention, GQA; a left-padded batch of a 1 x 2 and a 2 x 2 crop grid (the
+    processor pads the first one's frames), then one sample without any mask."""
+
+    layers = (0, 2)
+
+    def __init__(self, kind: str = "idefics3"):
+        self.kind = self.id = kind
+
+    def build_model(self, attn):
+        return tiny_idefics3(attn, self.kind)
+
+    def batches(self):
+        return [idefics3_inputs(padding_side="left", kind=self.kind), idefics3_inputs(count=1, kind=self.kind)]
+
+    @property
+    def image_token_id(self):
+        return build_tokenizer().convert_tokens_to_ids(IMAGE)
+
+
+# -- the offsets change the stage-2 data pipeline needs ------------------------------------------------------
+def offsets_in_chat(offsets: torch.Tensor, replacements: list[dict]) -> torch.Tensor:
+    """Token offsets (S, 2) of the processor's expanded text, moved into the text it was given (the rendered chat).
+
+    `replacements` is what the processor reports with `return_text_replacement_offsets=True` for that sample: per
+    image placeholder its `span` in the given text and its `new_span` in the expanded one. A token after a
+    replacement moves back by the length the replacement added; a token inside one (the image tokens and the
+    markers, newlines and tags the processor wrote around them) gets an empty span at the placeholder, so it is no
+    text of the chat. This is what `lavender.train.data` needs instead of `unexpanded_offsets` (which assumes a
+    placeholder becomes a run of image tokens and nothing else) for this family, and it holds for the others too."""
+    moved = offsets.clone()
+    for replacement in replacements:
+        (start, end), (new_start, new_end) = replacement["span"], replacement["new_span"]
+        inside = (offsets[:, 0] >= new_start) & (offsets[:, 0] < new_end)
+        moved[inside] = start
+        moved[offsets[:, 0] >= new_end] -= (new_end - new_start) - (end - start)
+    return moved
+
+
+def apply_offsets_fix(monkeypatch) -> None:
+    """For one test: the Idefics3 processor reports offsets in the rendered chat (`offsets_in_chat`) and the data
+    pipeline takes them as they are, which is the change `lavender.train.data` needs for this family."""
+    import lavender.train.data
+
+    stock = Idefics3Processor.__call__
+
+    def call(self, *args, **kwargs):
+        if not kwargs.get("return_offsets_mapping"):
+            return stock(self, *args, **kwargs)
+        out = stock(self, *args, return_text_replacement_offsets=True, **kwargs)
+        replacements = out.pop("text_replacement_offsets")
+        out["offset_mapping"] = torch.stack(
+            [offsets_in_chat(o, r) for o, r in zip(out["offset_mapping"], replacements)]
+        )
+        return out
+
+    monkeypatch.setattr(Idefics3Processor, "__call__", call)
+    monkeypatch.setattr(lavender.train.data, "unexpanded_offsets", lambda ids, offsets, *args: offsets)
