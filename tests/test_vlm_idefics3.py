@@ -17,19 +17,18 @@ from idefics3_testers import (
     SEQ,
     SIDE,
     Idefics3Tester,
-    apply_offsets_fix,
     build_image_processor,
     build_processor,
     build_tokenizer,
     chat,
     idefics3_inputs,
     noise_image,
-    offsets_in_chat,
     save_tiny_idefics3,
     tiny_idefics3,
 )
 
 from lavender.data.frame import absolute, common_view, frame_box, resample
+from lavender.train.data import offsets_in_chat
 from lavender.vlm.base import adapter_for, supported_model_types
 from lavender.vlm.idefics3 import IMAGE_KEYS, Idefics3Adapter, frames_to_plane, image_layout
 
@@ -316,31 +315,18 @@ def check_labels_and_words(dataset, processor) -> None:
             assert [tokenizer.convert_ids_to_tokens(int(ids[r])) for r in word.rows] == [word.word.lower()]
 
 
-def test_labels_are_the_answer_and_each_word_sits_on_its_token(tiny_world, oracle, monkeypatch):
-    """With the offsets change (`apply_offsets_fix`): the labels of a rendered chat are exactly the answer's tokens
-    and its end-of-turn mark, and every aligned word's rows are its own token, after the ~100 tokens the processor
-    writes for the image."""
-    apply_offsets_fix(monkeypatch)
-    processor = build_processor()
-    check_labels_and_words(stage2_dataset(tiny_world, oracle, processor), processor)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="lavender.train.data's unexpanded_offsets assumes the image placeholder becomes only image "
-    "tokens; the Idefics3 processor also writes markers, newlines and tags around them, so the "
-    "offsets after the image are off (see offsets_in_chat)",
-)
-def test_labels_without_the_offsets_change(tiny_world, oracle):
+def test_labels_are_the_answer_and_each_word_sits_on_its_token(tiny_world, oracle):
+    """The labels of a rendered chat are exactly the answer's tokens and its end-of-turn mark, and every aligned
+    word's rows are its own token, after the ~100 tokens the processor writes for the image (the data pipeline moves
+    the processor's offsets back into the chat with `offsets_in_chat`)."""
     processor = build_processor()
     check_labels_and_words(stage2_dataset(tiny_world, oracle, processor), processor)
 
 
 # -- training moves the VLM's own attention ----------------------------------------------------------------------
-def test_the_vlms_own_attention_moves_toward_the_targets(tiny_world, tmp_path, monkeypatch):
-    """tests/test_attention_moves.py for this family (with the offsets change, and LoRA on `text_model`, which the
-    trainer's default `--lora-targets` does not match): `lavender train` runs 40 steps with lambda = 100 against an
+def test_the_vlms_own_attention_moves_toward_the_targets(tiny_world, tmp_path):
+    """tests/test_attention_moves.py for this family (LoRA on `text_model`, which the trainer's default
+    `--lora-targets` matches): `lavender train` runs 40 steps with lambda = 100 against an
     oracle store, and the VLM's raw attention (`lavender eval attention`'s maps) comes clearly closer to the masks
     than before training.
 
@@ -358,7 +344,6 @@ def test_the_vlms_own_attention_moves_toward_the_targets(tiny_world, tmp_path, m
     from lavender.train.trainer import train
     from lavender.world.oracle import write_oracle_store
 
-    apply_offsets_fix(monkeypatch)
     model = save_tiny_idefics3(tmp_path / "idefics3")
     oracle = write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path / "oracle", resolution=8)
     distance = {}
@@ -380,7 +365,6 @@ def test_the_vlms_own_attention_moves_toward_the_targets(tiny_world, tmp_path, m
                 lora_dropout=0.0,
                 max_grad_norm=0.0,
                 report_to="none",
-                lora_targets=r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj)",
             )
         )
         maps = write_attention_store(

@@ -118,7 +118,7 @@ class MultiAdapterDiffusion(nn.Module):
                 self.conditions.masks[source] = None
             else:
                 self.conditions.tokens[source] = adapter(feature.tokens, feature.cells)  # (B, L, width)
-                self.conditions.masks[source] = None if bool(feature.mask.all()) else feature.mask
+                self.conditions.masks[source] = feature.mask
         try:
             yield
         finally:

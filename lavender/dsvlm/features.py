@@ -25,11 +25,11 @@ LEVELS = ("low", "mid", "high")
 @dataclass
 class Feature:
     """One source for a batch, padded: tokens (B, L, C), cells (B, L, 2) of (row, column) fractions, and a mask
-    (B, L), True where a token is real."""
+    (B, L), True where a token is real (None when no sample is padded)."""
 
     tokens: torch.Tensor
     cells: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
 
 
 def default_vision_layers(depth: int) -> tuple[int, int, int]:
@@ -48,6 +48,8 @@ def check_supported(adapter: VLMAdapter) -> None:
 
 def _pad(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Feature:
     """Per-sample (tokens (N_i, C), cells (N_i, 2)) -> one padded `Feature`."""
+    if len({t.shape[0] for t, _ in parts}) == 1:  # nothing to pad (every LLaVA batch)
+        return Feature(torch.stack([t for t, _ in parts]), torch.stack([xy for _, xy in parts]), None)
     longest = max(t.shape[0] for t, _ in parts)
     b, c = len(parts), parts[0][0].shape[-1]
     tokens = parts[0][0].new_zeros(b, longest, c)

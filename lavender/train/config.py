@@ -90,7 +90,7 @@ class TrainConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_targets: str = field(default=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)", metadata={
+    lora_targets: str = field(default=r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj)", metadata={
         "help": "regex over module names that get LoRA (default: the language model's attention projections)"})
     train_language: bool = field(default=True, metadata={
         "help": "train the language model (LoRA or full); --no-train-language with --no-lora trains only what "

@@ -252,6 +252,24 @@ def unexpanded_offsets(input_ids: torch.Tensor, offsets: torch.Tensor, image_tok
     return offsets - (extra_tokens * placeholder_chars)[:, None]
 
 
+def offsets_in_chat(offsets: torch.Tensor, replacements: list[dict]) -> torch.Tensor:
+    """Token offsets (S, 2) in the processor's expanded text, moved back into the text it was given (the rendered
+    chat), from what the processor reports with `return_text_replacement_offsets=True` for that sample: per image
+    placeholder its `span` in the given text and its `new_span` in the expanded one.
+
+    A token after a replacement moves back by the length the replacement added; a token inside one (the image
+    tokens, and whatever markers, newlines and tags the processor wrote around them, as Idefics3 does) gets an empty
+    span at the placeholder, so it is no text of the chat. Where a placeholder becomes image tokens only, this is
+    `unexpanded_offsets`."""
+    moved = offsets.clone()
+    for replacement in replacements:
+        (start, end), (new_start, new_end) = replacement["span"], replacement["new_span"]
+        inside = (offsets[:, 0] >= new_start) & (offsets[:, 0] < new_end)
+        moved[inside] = start
+        moved[offsets[:, 0] >= new_end] -= (new_end - new_start) - (end - start)
+    return moved
+
+
 def _truncate(inputs: dict[str, torch.Tensor], max_length: int, image_token_id: int) -> bool:
     """Cut sequence tensors to `max_length`; False if that would cut into the image tokens."""
     ids = inputs["input_ids"][0]
@@ -315,6 +333,7 @@ class StageTwoDataset(Dataset):
         self.image_token_id, self.instruction, self.max_length = image_token_id, instruction, max_length
         self.match, self.position, self.retries = match, position, retries
         self.plane_size = plane_size  # > 0: each sample carries its image plane at this size (DS-VLM)
+        self._replacements = True  # whether the processor takes `return_text_replacement_offsets`
         self._bad: set[int] = set()  # indices found unusable in this process
         self.text_source = targets.settings.get("text", "caption") if targets is not None else "caption"
         self.placeholder_chars = len(getattr(processor, "image_token", "") or "")
@@ -385,9 +404,8 @@ class StageTwoDataset(Dataset):
         messages = chat(sample, self.instruction)
         text, spans = label_spans(self.processor, messages)
         answered = [has_text(m["content"][-1]["text"]) for m in messages if m["role"] == "assistant"]
-        batch = self.processor(text=[text], images=[[image]], return_tensors="pt", return_offsets_mapping=True,
-                               add_special_tokens=adds_special_tokens(self.processor, text))
-        inputs = dict(batch)
+        inputs = self.process(text, image)
+        replacements = inputs.pop("text_replacement_offsets", None)
         check_leading_bos(self.processor, text, inputs["input_ids"][0], inputs["offset_mapping"][0])
         truncated = inputs["input_ids"].shape[1] > self.max_length
         if truncated:
@@ -397,8 +415,9 @@ class StageTwoDataset(Dataset):
                 events["samples too long for their image"] += 1
                 return Encoded({}, sample.id, events=events)
         ids = inputs["input_ids"][0]
-        offsets = unexpanded_offsets(ids, inputs.pop("offset_mapping")[0], self.image_token_id,
-                                     self.placeholder_chars)
+        raw = inputs.pop("offset_mapping")[0]
+        offsets = (offsets_in_chat(raw, replacements[0]) if replacements is not None else
+                   unexpanded_offsets(ids, raw, self.image_token_id, self.placeholder_chars))
         labels = torch.full_like(ids, IGNORE)
         starts = offsets[:, 0]
         real = (offsets[:, 1] > offsets[:, 0]) & (ids != self.image_token_id)
@@ -422,6 +441,19 @@ class StageTwoDataset(Dataset):
         view = self.common_view(sample, image.size, inputs, events)
         words = self._align(sample, text, spans, offsets, real, events, view) if view is not None else []
         return Encoded(inputs, sample.id, words, events, view, pixels)
+
+    def process(self, text: str, image) -> dict:
+        """The processor's output for one sample, with character offsets and, where the processor reports them,
+        the spans of the text it put in place of each image placeholder (`text_replacement_offsets`, which
+        transformers' processors give; a processor that takes no such option is asked without it)."""
+        kwargs = dict(text=[text], images=[[image]], return_tensors="pt", return_offsets_mapping=True,
+                      add_special_tokens=adds_special_tokens(self.processor, text))
+        if self._replacements:
+            try:
+                return dict(self.processor(**kwargs, return_text_replacement_offsets=True))
+            except TypeError:
+                self._replacements = False
+        return dict(self.processor(**kwargs))
 
     def common_view(self, sample: Sample, image_size: tuple[int, int], inputs: dict,
                     events: Counter) -> CommonView | None:
@@ -540,6 +572,11 @@ class Collator:
                 pad = self.pad_token_id if SEQUENCE_PAD[key] is None else SEQUENCE_PAD[key]
                 parts = [torch.cat([p, p.new_full((1, length - p.shape[1], *p.shape[2:]), pad)], dim=1)
                          for p in parts]
+            elif parts[0].dim() >= 3 and len({p.shape[1] for p in parts}) > 1:
+                # images cut into different numbers of crops or frames (B, frames, ...): zero frames, which the
+                # families that cut images this way (Idefics3, LLaVA-NeXT) leave out
+                frames = max(p.shape[1] for p in parts)
+                parts = [torch.cat([p, p.new_zeros((1, frames - p.shape[1], *p.shape[2:]))], dim=1) for p in parts]
             inputs[key] = torch.cat(parts, dim=0)
         words = [w for e in encoded for w in e.words]
         sample = torch.tensor([b for b, e in enumerate(encoded) for _ in e.words], dtype=torch.long)

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import warnings
 from collections import Counter
@@ -57,7 +58,8 @@ from lavender.vlm.base import adapter_for
 log = logging.getLogger(__name__)
 
 VISION_MODULES = ("vision_model", "vision_tower", "visual")
-PROJECTOR_MODULES = ("multi_modal_projector", "merger")
+LANGUAGE_MODEL = re.compile(r"(^|\.)(language_model|text_model)\.")  # the decoder's module (Idefics3: text_model)
+PROJECTOR_MODULES = ("multi_modal_projector", "merger", "connector")
 TRAINABLE_FILE = "trainable.safetensors"
 COVERAGE_PROBE = 32  # samples with targets encoded before training to see that their words are found
 LOW_COVERAGE = 0.5  # below this share of samples with targets, or of their words matched, warn
@@ -251,7 +253,7 @@ def select_parameters(model: nn.Module, cfg: TrainConfig) -> nn.Module:
                             target_modules=cfg.lora_targets, modules_to_save=extra or None)
         return get_peft_model(model, config)
     for name, p in model.named_parameters():
-        if "language_model" in name or name.startswith("lm_head") or any(name.startswith(m + ".") for m in extra):
+        if LANGUAGE_MODEL.search(name) or name.startswith("lm_head") or any(name.startswith(m + ".") for m in extra):
             p.requires_grad_(True)
     return model
 
