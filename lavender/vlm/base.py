@@ -185,4 +185,4 @@ def adapter_for(model: torch.nn.Module) -> VLMAdapter:
 
 
 def _load_builtin() -> None:
-    from lavender.vlm import idefics3, llava, minicpmv, mllama, qwen2_vl  # noqa: F401  (registered on import)
+    from lavender.vlm import idefics3, llava, llava_next, minicpmv, mllama, qwen2_vl  # noqa: F401  (registers them)
