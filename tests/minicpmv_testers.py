@@ -1,11 +1,17 @@
 """Tiny seeded MiniCPM-V 4.6 / 4.7 / MiniCPM-OCR models and inputs built the way their processor builds them.
 
-`MiniCPMV4_6Processor` cannot be instantiated here: it requires a video processor, which needs
+`MiniCPMV4_6Processor` cannot be instantiated here as it is: it requires a video processor, which needs
 torchvision. The pieces it is made of still run: pixels go through the real PIL image processor
 (`MiniCPMV4_6ImageProcessorPil`, `slice_mode=False`, so one overview crop per image), and each image
 placeholder is expanded with the processor's own `replace_image_token` and `_prepend_local_ids`, called
 on a namespace that carries the token strings a processor instance would. A word-level tokenizer holds the
 MiniCPM markers (`<image>`, `<slice>`, `<image_id>`, ...) as special tokens.
+
+For the stage-2 trainer, which loads a processor with `AutoProcessor`, the three processor classes are used as
+they are except for their constructor (`ImageOnly*Processor`: no video processor is built or type-checked; a
+stand-in carries the two settings their `__init__` reads from it), registered with `AutoProcessor` in this
+process, and saved with a tiny model by `save_tiny_minicpmv` (a word-level tokenizer of the shapes world with
+ChatML turns). Their `__call__`, image expansion and `return_text_replacement_offsets` are the library's.
 
 The text model is a Qwen3.5 hybrid with layers (full, linear, full) attention, GQA (4 query / 2 key-value
 heads of size 8), biased projections and partial interleaved M-RoPE; the vision tower has 4-pixel patches,
@@ -14,6 +20,7 @@ so one image token covers 16 x 16 pixels (8 x 8 in `"4x"` mode, the OCR default)
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -29,10 +36,16 @@ from transformers import (
     MiniCPMV4_7Config,
     MiniCPMV4_7ForConditionalGeneration,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
 )
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+from transformers.models.minicpm_ocr.processing_minicpm_ocr import MiniCPMOcrProcessor
 from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
 from transformers.models.minicpmv4_6.processing_minicpmv4_6 import MiniCPMV4_6Processor
+from transformers.models.minicpmv4_7.processing_minicpmv4_7 import MiniCPMV4_7Processor
 from vlm_testers import VLMTester
+
+from lavender.world.base_vlm import DIGITS, PUNCTUATION, tokenizer_words
 
 PATCH = 4
 KINDS = ("minicpmv4_6", "minicpmv4_7", "minicpm_ocr")
@@ -46,9 +59,28 @@ WORDS = ("user", "assistant", "what", "is", "this", "how", "many", "objects", "a
          "two", "a", "red", "circle", "square")
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: a few words, digits and punctuation, then the MiniCPM special tokens (named on it)."""
-    vocab = {t: i for i, t in enumerate([*WORDS, *"0123456789", *".,?:", *SPECIAL_TOKENS])}
+# ChatML turns, as the Qwen-based MiniCPM-V models write them; the image placeholder first in its turn
+TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for part in message['content'] %}{%- if part['type'] == 'image' %}{{- '<|image_pad|>' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def build_tokenizer(world: bool = False) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: a few words, digits and punctuation, then the MiniCPM special tokens (named on it).
+
+    `world`: the shapes world's words instead of a few, `<|im_start|>` and `<|im_end|>` as well, and
+    `CHAT_TEMPLATE`: the tokenizer of the saved tiny models."""
+    if world:
+        words = list(dict.fromkeys([*sorted({w.lower() for w in tokenizer_words()}), *DIGITS, *PUNCTUATION]))
+        tokens = [*words, *SPECIAL_TOKENS, TURN_START, TURN_END]
+    else:
+        tokens = [*WORDS, *"0123456789", *".,?:", *SPECIAL_TOKENS]
+    vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -56,12 +88,14 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         pre_tokenizers.Punctuation(behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
     ])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    specials = [*SPECIAL_TOKENS, TURN_START, TURN_END] if world else SPECIAL_TOKENS
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD,
         unk_token=UNK,
         padding_side="left",  # the MiniCPM-V processor's default
+        chat_template=CHAT_TEMPLATE if world else None,
         extra_special_tokens={
             "image_token": IMAGE_PAD,
             "video_token": VIDEO_PAD,
@@ -86,11 +120,13 @@ def build_image_processor(downsample_mode: str = "16x", slice_mode: bool = False
     )
 
 
-def tiny_config(kind: str = "minicpmv4_6") -> MiniCPMV4_6Config | MiniCPMV4_7Config | MiniCPMOcrConfig:
+def tiny_config(kind: str = "minicpmv4_6", tokenizer: PreTrainedTokenizerFast | None = None
+                ) -> MiniCPMV4_6Config | MiniCPMV4_7Config | MiniCPMOcrConfig:
     """3 text layers (full, linear, full attention) of width 32 and a 2-layer vision tower of width 16."""
-    ids = build_tokenizer().convert_tokens_to_ids
+    tokenizer = tokenizer or build_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
     text = dict(
-        vocab_size=len(build_tokenizer()),
+        vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=len(LAYER_TYPES),
@@ -129,12 +165,12 @@ MODELS = {
 }
 
 
-def tiny_minicpmv(attn: str, kind: str = "minicpmv4_6"):
+def tiny_minicpmv(attn: str, kind: str = "minicpmv4_6", tokenizer: PreTrainedTokenizerFast | None = None):
     """A seeded random model of `kind` using attention kernel `attn`, in eval mode.
 
     The text model's biases, zero after initialisation, are drawn at random too, so that tests see them.
     """
-    config = tiny_config(kind)
+    config = tiny_config(kind, tokenizer)
     config._attn_implementation = attn
     torch.manual_seed(0)
     model = MODELS[kind](config).eval()
@@ -205,6 +241,67 @@ def minicpmv_inputs(kind: str = "minicpmv4_6", count: int = 2) -> dict:
     texts = [prompt(q, a) for q, a, _, _ in samples]
     images = [noise_image(h, w, seed=i) for i, (_, _, h, w) in enumerate(samples)]
     return encode(texts, images, kind)
+
+
+# -- the processors the trainer loads, and the saved tiny models ---------------------------------------------------
+class _VideoProcessorUnchecked(ProcessorMixin):
+    """Next in line after a MiniCPM-V processor's own `__init__`: keeps the video processor it passes on without
+    type-checking it (the check looks the class up through `AutoVideoProcessor`, which needs torchvision)."""
+
+    def __init__(self, image_processor, video_processor, tokenizer, **kwargs):
+        super().__init__(image_processor, tokenizer, **kwargs)  # the attributes named in the subclass's signature
+        self.video_processor = video_processor
+
+
+def image_only(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """`processor_class` built from an image processor and a tokenizer alone; everything else is its own."""
+
+    class ImageOnly(processor_class, _VideoProcessorUnchecked):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            # the only settings the processors' `__init__` reads from a video processor (none is ever used)
+            videos = SimpleNamespace(slice_mode=False, downsample_mode=image_processor.downsample_mode)
+            super().__init__(image_processor, videos, tokenizer, chat_template=chat_template, **kwargs)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"ImageOnly{processor_class.__name__}"
+    return ImageOnly
+
+
+PROCESSORS = {
+    "minicpmv4_6": image_only(MiniCPMV4_6Processor),
+    "minicpmv4_7": image_only(MiniCPMV4_7Processor),
+    "minicpm_ocr": image_only(MiniCPMOcrProcessor),
+}
+for _cls in PROCESSORS.values():  # so that `AutoProcessor` finds them by the class name the saved files carry
+    PROCESSOR_MAPPING.register(_cls, _cls, exist_ok=True)
+
+SAVED_RESOLUTION = 64  # the saved processors' scale_resolution: a 32 x 32 image -> 64 x 64 pixels, one crop
+
+
+def build_processor(kind: str = "minicpmv4_6", slice_mode: bool = True, scale_resolution: int = SAVED_RESOLUTION,
+                    tokenizer: PreTrainedTokenizerFast | None = None):
+    """`kind`'s processor (see the module docstring) around the PIL image processor and the world tokenizer.
+
+    With the defaults (slice mode on, as in the released processors), an image of more than 64 x 64 pixels' area is
+    cut into slices after its overview; smaller ones are upscaled to about that area, one overview crop."""
+    image_processor = MiniCPMV4_6ImageProcessorPil(
+        patch_size=PATCH, scale_resolution=scale_resolution, slice_mode=slice_mode, max_slice_nums=4,
+        downsample_mode="4x" if kind == "minicpm_ocr" else "16x",
+    )
+    return PROCESSORS[kind](image_processor=image_processor, tokenizer=tokenizer or build_tokenizer(world=True),
+                            chat_template=CHAT_TEMPLATE)
+
+
+def save_tiny_minicpmv(out: str | Path, kind: str = "minicpmv4_6", slice_mode: bool = True) -> Path:
+    """A seeded tiny model of `kind` with the world tokenizer and its processor, saved like a hub model and loadable
+    by `AutoModelForImageTextToText` / `AutoProcessor` `.from_pretrained(out)` (in a process that imported this
+    module); returns the path."""
+    out = Path(out)
+    tokenizer = build_tokenizer(world=True)
+    model = tiny_minicpmv("sdpa", kind, tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    build_processor(kind, slice_mode, tokenizer=tokenizer).save_pretrained(out)
+    return out
 
 
 class MiniCPMVTester(VLMTester):

@@ -150,19 +150,6 @@ def test_invalid_maps_in_the_store_are_skipped_and_counted(llava_dir, tiny_world
     assert rows[-1]["count/invalid_targets"] > 0
 
 
-@pytest.mark.parametrize("kind", ["minicpmv4_6", "minicpm_ocr"])
-def test_minicpmv_is_refused_before_any_work(tiny_world, oracle, tmp_path, no_model, monkeypatch, kind):
-    """Its adapter is registered, but its collation and image-marker offsets are not right for training yet."""
-    from minicpmv_testers import tiny_config
-
-    tiny_config(kind).save_pretrained(tmp_path / "minicpmv")
-    monkeypatch.setattr(trainer_module, "load_processor", lambda *a: pytest.fail("the processor was loaded"))
-    out = tmp_path / "run"
-    with pytest.raises(ValueError, match=rf"does not support MiniCPM-V \({kind}\) yet: .* shifted silently"):
-        Trainer(_cfg(tmp_path / "minicpmv", tiny_world, oracle, out))
-    assert not out.exists()
-
-
 def test_data_whose_images_cannot_be_read_stops_before_training(tiny_world, tmp_path):
     """Every image path wrong (the data file copied away from its images): one clear error before the first
     step, naming the reason, with or without a targets store, instead of a traceback after some steps."""

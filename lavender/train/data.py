@@ -45,6 +45,10 @@ TARGET_TOLERANCE = 1e-3  # stage-1 maps are min-max normalised: [0, 1] up to sto
 # per-sample tensors laid out along the sequence, padded by the collator with these values
 SEQUENCE_PAD = {"input_ids": None, "attention_mask": 0, "labels": IGNORE, "cross_attention_mask": 0,
                 "mm_token_type_ids": 0, "token_type_ids": 0}
+# inputs a processor packs for a whole batch along another dimension than the first, found by the input beside them:
+# MiniCPM-V's image processors lay every crop of a batch side by side in one (1, C, patch, patches * patch) strip of
+# NaViT patches (the model reads only `pixel_values[:1]`), each crop's patch grid a row of `target_sizes`
+PACKED = {"pixel_values": ("target_sizes", -1)}  # key: (the input that says so, the dimension to concatenate)
 
 
 class DataError(ValueError):
@@ -567,17 +571,19 @@ class Collator:
         length = max(e.inputs["input_ids"].shape[1] for e in encoded)
         inputs: dict[str, torch.Tensor] = {}
         for key in encoded[0].inputs:
-            parts = [e.inputs[key] for e in encoded]
+            parts, dim = [e.inputs[key] for e in encoded], 0
             if key in SEQUENCE_PAD:
                 pad = self.pad_token_id if SEQUENCE_PAD[key] is None else SEQUENCE_PAD[key]
                 parts = [torch.cat([p, p.new_full((1, length - p.shape[1], *p.shape[2:]), pad)], dim=1)
                          for p in parts]
+            elif key in PACKED and PACKED[key][0] in encoded[0].inputs:
+                dim = PACKED[key][1]  # one strip of every sample's crops, in sample order like `target_sizes`
             elif parts[0].dim() >= 3 and len({p.shape[1] for p in parts}) > 1:
                 # images cut into different numbers of crops or frames (B, frames, ...): zero frames, which the
                 # families that cut images this way (Idefics3, LLaVA-NeXT) leave out
                 frames = max(p.shape[1] for p in parts)
                 parts = [torch.cat([p, p.new_zeros((1, frames - p.shape[1], *p.shape[2:]))], dim=1) for p in parts]
-            inputs[key] = torch.cat(parts, dim=0)
+            inputs[key] = torch.cat(parts, dim=dim)
         words = [w for e in encoded for w in e.words]
         sample = torch.tensor([b for b, e in enumerate(encoded) for _ in e.words], dtype=torch.long)
         events = sum((e.events for e in encoded), Counter())

@@ -113,22 +113,6 @@ def load_model(name: str, dtype: str = "auto"):
     return AutoModelForImageTextToText.from_pretrained(name, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
 
 
-def check_trainable_family(name: str) -> None:
-    """Refuse, before any work, a family whose training inputs are known to be wrong.
-
-    MiniCPM-V (4.6, 4.7, OCR) has a VLM adapter, so its attention can be captured and evaluated, but its
-    collation and image-marker offsets are not right yet: labels and word rows would shift silently."""
-    from transformers import AutoConfig
-
-    from lavender.vlm.minicpmv import MiniCPMVAdapter
-
-    model_type = getattr(AutoConfig.from_pretrained(name), "model_type", None)
-    if model_type in MiniCPMVAdapter.model_types:
-        raise ValueError(f"{name}: `lavender train` does not support MiniCPM-V ({model_type}) yet: its collation "
-                         "and image-marker offsets are not right, so labels and aligned word rows would be shifted "
-                         "silently. Its attention can still be read (`lavender eval attention`).")
-
-
 def keep_trainable_in_float32(model: nn.Module) -> int:
     """Cast every trainable floating-point parameter to float32 in place (AdamW and loss scaling need float32
     master weights); frozen ones keep the dtype they were loaded in. Returns how many were cast."""
@@ -469,7 +453,6 @@ class Trainer:
             raise ValueError("--model, --data and --out are required")
         if cfg.aligner_pretrain_steps and not cfg.aligns:
             raise ValueError("--aligner-pretrain-steps needs --targets and --lam > 0")
-        check_trainable_family(cfg.model)
         precision = cfg.precision  # --mixed-precision, else the launcher's
         if not torch.cuda.is_available() and "fp16" in (precision, AUTOCAST.get(cfg.dtype)):
             if cfg.dtype == "float16":

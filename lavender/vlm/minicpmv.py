@@ -23,10 +23,14 @@ slices as `<slice>` + tokens + `</slice>` rows joined by newlines.
 Image frame: the overview crop is the whole image resized to a multiple of the patch size (no padding, no
 cropping), so the plane is the whole image.
 
-Supported: one image per sample, overview only (the image processor's `slice_mode=False`), so each sample
-has exactly one run of image tokens and one row of `target_sizes`; `to_image` raises a `ValueError`
-otherwise. Not supported: slices (their grid is dropped by the processor and would have to be read back
-from the markers), several images per sample, videos, and decoding with a KV cache.
+The plane is each sample's overview. With `slice_mode` (the released processors' default), an image larger than
+`scale_resolution` squared is also cut into slices; their tokens stay keys of the softmax but are left out of the
+plane (like LLaVA-NeXT's base image), since the processor drops the slice grid. Each crop is one run of image
+tokens (the processor writes markers between crops) and the batch's crops, in order, are the rows of
+`target_sizes`, so a sample's first run is its overview and its rows follow from counting runs (`overviews`).
+Supported: one image per sample; `to_image` raises a `ValueError` for a sample without one, for a second image (a
+later run preceded by the token that precedes the overview, `<image>`), and for runs and crops that disagree. Not
+supported: several images per sample, videos, and decoding with a KV cache.
 
 The `learn` aggregation copies only the query half of `q_proj` (`GatedQueryProjections`) and `k_proj`;
 the copies feed the layer's own `q_norm`/`k_norm` and Qwen3.5's `apply_rotary_pos_emb`, so at the start they
@@ -40,7 +44,7 @@ from torch import nn
 from transformers.models.qwen3_5.modeling_qwen3_5 import apply_rotary_pos_emb
 
 from lavender.data.frame import ImageView
-from lavender.vlm.attention import LearnedProjections, linear_copy
+from lavender.vlm.attention import LearnedProjections, keys_to_plane, linear_copy
 from lavender.vlm.base import SelfAttentionAdapter, register_adapter
 
 
@@ -81,21 +85,41 @@ def token_factor(config, downsample_mode: str | None = None) -> int:
     return window * config.merge_kernel_size[0] ** config.merger_times
 
 
-def overview_planes(batch: dict, factor: int) -> list[tuple[int, int]]:
-    """(rows, cols) of image tokens of each sample's single overview crop, from `target_sizes`."""
-    sizes = batch["target_sizes"]
-    n_samples = batch["input_ids"].shape[0]
-    if sizes.shape[0] != n_samples:
-        raise ValueError(
-            f"alignment supports one image per sample, overview only (image processor slice_mode=False); got "
-            f"{sizes.shape[0]} crops for {n_samples} samples"
-        )
-    planes = []
-    for h, w in sizes.tolist():
-        if h % factor or w % factor:
-            raise ValueError(f"crop of {h} x {w} patches is not divisible by the token factor {factor}")
-        planes.append((h // factor, w // factor))
-    return planes
+def crop_runs(input_ids: torch.Tensor, image_token_id: int) -> list[list[tuple[int, int]]]:
+    """Per sample, (start, length) of each run of consecutive image tokens, in order."""
+    runs = []
+    for row in input_ids == image_token_id:
+        edges = torch.diff(row.long(), prepend=row.new_zeros(1).long(), append=row.new_zeros(1).long())
+        starts, ends = (edges == 1).nonzero().squeeze(-1), (edges == -1).nonzero().squeeze(-1)
+        runs.append([(int(a), int(b - a)) for a, b in zip(starts, ends)])
+    return runs
+
+
+def overviews(batch: dict, image_token_id: int, factor: int) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """Per sample, the positions of its overview's image tokens and its plane (rows, cols) of tokens.
+
+    A sample's first run of image tokens is its overview, any further runs its slices; the rows of `target_sizes`
+    are the crops of the whole batch in order. Raises `ValueError` for a sample without image tokens, a second image
+    in a sample, or runs that do not match `target_sizes` in number or size."""
+    ids, sizes = batch["input_ids"], batch["target_sizes"].tolist()
+    runs = crop_runs(ids, image_token_id)
+    if sum(map(len, runs)) != len(sizes):
+        raise ValueError(f"{sum(map(len, runs))} runs of image tokens but {len(sizes)} crops in target_sizes")
+    found, row = [], 0
+    for b, sample in enumerate(runs):
+        if not sample:
+            raise ValueError(f"alignment supports one image per sample; sample {b} has none")
+        marker = ids[b, sample[0][0] - 1] if sample[0][0] else None  # `<image>` before an overview, `<slice>` else
+        if marker is not None and any(ids[b, start - 1] == marker for start, _ in sample[1:]):
+            raise ValueError(f"alignment supports one image per sample; sample {b} has several")
+        for (start, length), (h, w) in zip(sample, sizes[row:row + len(sample)]):
+            if h % factor or w % factor or length != (h // factor) * (w // factor):
+                raise ValueError(f"a crop of {h} x {w} patches (token factor {factor}) does not give the "
+                                 f"{length} image tokens at position {start} of sample {b}")
+        (start, length), (h, w) = sample[0], sizes[row]
+        found.append((torch.arange(start, start + length, device=ids.device), (h // factor, w // factor)))
+        row += len(sample)
+    return found
 
 
 @register_adapter
@@ -114,25 +138,28 @@ class MiniCPMVAdapter(SelfAttentionAdapter):
     def query_key_norms(self, attention: nn.Module) -> tuple[nn.Module, nn.Module]:
         return attention.q_norm, attention.k_norm
 
+    def overviews(self, batch: dict) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """Per sample, its overview's token positions and plane (see the module function)."""
+        return overviews(batch, self.image_token_id, token_factor(self.model.config, batch.get("downsample_mode")))
+
     def image_planes(self, batch: dict) -> list[tuple[int, int]]:
-        return overview_planes(batch, token_factor(self.model.config, batch.get("downsample_mode")))
+        return [plane for _, plane in self.overviews(batch)]
 
     @classmethod
     def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:
         return ImageView()  # the overview: the whole image on the whole plane
 
     def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
-        try:
-            return super().to_image(probs, batch)
-        except ValueError as err:
-            raise ValueError(f"{err} (slices or several images; use slice_mode=False)") from err
+        return [keys_to_plane(probs[b], positions, *plane) for b, (positions, plane) in
+                enumerate(self.overviews(batch))]
 
 
 __all__ = [
     "GatedQueryProjections",
     "MiniCPMVAdapter",
+    "crop_runs",
     "full_attention_layers",
-    "overview_planes",
+    "overviews",
     "query_half",
     "token_factor",
 ]
