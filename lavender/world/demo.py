@@ -25,6 +25,11 @@ def shipped_vlm() -> Path:
     return _shipped("shapes-vlm", "config.json", "shapes base VLM")
 
 
+def shipped_llava() -> Path:
+    """Directory of the shapes world's LLaVA-architecture base VLM (6 CLIP layers) that ships with the package."""
+    return _shipped("shapes-llava", "config.json", "shapes LLaVA base VLM")
+
+
 def run_demo(out: Path, train_scenes: int = 0, test_scenes: int = 0, steps: int = 0, **sizes) -> Path:
     """`lavender world experiment --preset demo` into `out` (0: the preset's sizes; `sizes`: other
     `ExperimentConfig` fields); prints the headline table and returns the report's path. Rerun to resume."""
