@@ -16,6 +16,14 @@ Families: `mllama`, `llava` (mid-size, short sequences) and `llava-long`: a narr
 vocabulary of 151,936 and 4,100 tokens per sample (62 x 62 = 3,844 image tokens), the case where full logits
 and per-batch rows cost the most.
 
+DS-VLM (`--method dsvlm`, variant `dsvlm`: plain + mu * L_rec with the default settings, LoRA and a trainable
+projector in both variants) is measured on two families:
+  * `shapes-dsvlm`: the shipped shapes LLaVA with the shipped shapes teacher (64 px), world scenes;
+  * `llava-dsvlm`: the mid-size LLaVA above with a random SD v1.x-layout pipeline of four blocks (256 px, channels
+              32-128), about a tenth of the VLM's parameters as SD v1.5's UNet is of LLaVA-1.5-7B's.
+Beside time and memory it prints the parameter counts and the FLOPs of one step (torch's FlopCounterMode), and a
+`dsvlm-noise` variant (the noise loss only: no VAE decoding, no perceptual network) that shows where the cost is.
+
 Time: medians over alternating repeats. Memory: median peak resident memory (VmHWM, reset after set-up)
 over fresh child processes. Ratios are printed against `plain`.
 
@@ -27,8 +35,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 from capture import batch as mllama_batch
@@ -37,6 +47,8 @@ from peak_memory import measure_in_child, median_child_peaks
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from lavender.align.aligner import AlignerConfig
+from lavender.dsvlm.config import DSVLMConfig
+from lavender.dsvlm.supervision import build_supervision
 from lavender.train.config import TrainConfig
 from lavender.train.data import AlignedWord, Batch
 from lavender.train.objective import build_objective, language_loss_sum
@@ -84,19 +96,63 @@ def long_batch() -> dict:
     return inputs | {"labels": labels}
 
 
+BENCH_SD = Path(tempfile.gettempdir()) / "lavender-bench-sd"  # the mid-size diffusion model, built once
+
+
+def diffusion_dir(family: str) -> Path:
+    from lavender.world.demo import shipped_teacher
+    from lavender.world.tiny import tiny_pipeline
+
+    if family == "shapes-dsvlm":
+        return shipped_teacher()
+    if not (BENCH_SD / "model_index.json").exists():
+        tiny_pipeline(BENCH_SD, sd14_like=True, channels=(32, 64, 128, 128), sample_size=32)
+    return BENCH_SD
+
+
+def shapes_llava(attn: str):
+    from transformers import AutoModelForImageTextToText
+
+    from lavender.world.demo import shipped_llava
+
+    return AutoModelForImageTextToText.from_pretrained(shipped_llava(), attn_implementation=attn)
+
+
+def shapes_batch() -> dict:
+    """Eight shapes-world scenes through the shipped LLaVA's processor, captions as answers."""
+    from transformers import AutoProcessor
+
+    from lavender.train.data import Collator, StageTwoDataset
+    from lavender.vlm.llava import LlavaAdapter
+    from lavender.world.data import WorldDataConfig, write_world
+    from lavender.world.demo import shipped_llava
+
+    world = Path(tempfile.gettempdir()) / "lavender-bench-world"
+    if not (world / "train.json").exists():
+        write_world(WorldDataConfig(out=str(world), train=8, test=0, ood=0))
+    processor = AutoProcessor.from_pretrained(shipped_llava())
+    token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    data = StageTwoDataset.from_paths(str(world / "train.json"), processor, token, instruction="Describe the image.",
+                                      max_length=256, view=LlavaAdapter.image_view)
+    return Collator.for_processor(processor)([data[i] for i in range(8)]).inputs
+
+
 # family -> (model builder, inputs, first aligned row, row shift per sample, variants)
 FAMILIES = {
     "mllama": (build_mllama, mllama_batch, 40, 0, ("plain", "lavender", "naive")),
     "llava": (build_llava, llava_batch, 300, 0, ("plain", "lavender", "naive")),
     "llava-long": (lambda attn: build_llava(attn, long=True), long_batch, 1 + LONG_GRID ** 2 + 100, 40,
                    ("plain", "lavender", "full-logits")),
+    "shapes-dsvlm": (shapes_llava, shapes_batch, 0, 0, ("plain", "dsvlm", "dsvlm-noise")),
+    "llava-dsvlm": (build_llava, llava_batch, 0, 0, ("plain", "dsvlm", "dsvlm-noise")),
 }
 
 
 def setup(family: str, variant: str):
     build, make_inputs, first_row, shift, _ = FAMILIES[family]
     model = build("eager" if variant == "naive" else "sdpa")
-    model = select_parameters(model, TrainConfig(lora_dropout=0.0))
+    dsvlm_family = family.endswith("dsvlm")
+    model = select_parameters(model, TrainConfig(lora_dropout=0.0, train_projector=dsvlm_family))
     inputs = make_inputs()
     inputs.setdefault("labels", inputs["input_ids"].clone())  # every text token, unless the case says otherwise
     inputs["labels"][inputs["input_ids"] == model.config.image_token_id] = -100
@@ -107,8 +163,17 @@ def setup(family: str, variant: str):
     words = [AlignedWord(f"w{i}", (first_row + b * shift + 2 * i, first_row + b * shift + 2 * i + 1), (1.0, 1.0),
                          targets[i]) for b in range(size) for i in range(8)]
     batch = Batch(inputs, words, torch.arange(size).repeat_interleave(8), Counter())
+    reconstruction = None
+    if dsvlm_family:
+        batch = Batch(inputs, [], torch.zeros(0, dtype=torch.long), Counter(), [f"s{i}" for i in range(size)])
+    if variant.startswith("dsvlm"):
+        weights = {"perceptual_weight": 0.0} if variant == "dsvlm-noise" else {}
+        reconstruction = build_supervision(model, DSVLMConfig(diffusion=str(diffusion_dir(family)), **weights))
+        side = reconstruction.resolution
+        batch.pixels = torch.rand(size, 3, side, side, generator=torch.Generator().manual_seed(3)) * 2 - 1
     aligns = variant in ("lavender", "naive")
-    objective = build_objective(model, aligns, (), "heads", AlignerConfig(resolution=RESOLUTION))
+    objective = build_objective(model, aligns, (), "heads", AlignerConfig(resolution=RESOLUTION),
+                                reconstruction=reconstruction)
     objective.train()
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-5)
     return objective, batch, optimizer
@@ -138,6 +203,8 @@ def step(objective, batch: Batch, optimizer, variant: str) -> float:
     else:
         terms = objective(batch)
     loss = terms["lm_sum"] / batch.label_tokens
+    if "rec_sum" in terms:
+        loss = loss + terms["rec_sum"] / terms["rec_count"]
     if "att_sum" in terms:
         loss = loss + LAMBDA * terms["att_sum"] / terms["att_count"]
     loss.backward()
@@ -166,11 +233,38 @@ def run_family(family: str, repeats: int, memory_repeats: int) -> dict:
                                memory_repeats)
     t = {v: statistics.median(x) for v, x in times.items()}
     m = {v: peaks[v]["peak_kb"] / 1024 for v in variants}
+    if "dsvlm" in variants:
+        print(f"{family:<10} sizes: {sizes(family)}")
+        flops = {v: step_flops(family, v) for v in variants}
+        print(f"{family:<10} FLOPs per step: " + ", ".join(f"{v} {f / 1e9:.1f} G (x{f / flops['plain']:.2f})"
+                                                           for v, f in flops.items()))
     for v in variants[1:]:
         print(f"{family:<10} {v:<11} step {t[v]:.3f}s vs plain {t['plain']:.3f}s = time x{t[v] / t['plain']:.3f}; "
               f"peak memory {m[v]:.0f} vs {m['plain']:.0f} MB = x{m[v] / m['plain']:.3f}")
     print(f"{family:<10} first-step losses: {losses}")
     return {"time": t, "memory_mb": m}
+
+
+def step_flops(family: str, variant: str) -> float:
+    """FLOPs of one training step of `variant`, counted by torch's FlopCounterMode (matrix products and
+    convolutions, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    run = setup(family, variant)
+    with FlopCounterMode(display=False) as counter:
+        step(*run, variant)
+    return float(counter.get_total_flops())
+
+
+def sizes(family: str) -> str:
+    """Parameter counts of the VLM and of the diffusion model DS-VLM adds, in millions."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    vlm = sum(p.numel() for p in FAMILIES[family][0]("sdpa").parameters()) / 1e6
+    sd = diffusion_dir(family)
+    unet = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(sd, subfolder="unet").parameters()) / 1e6
+    vae = sum(p.numel() for p in AutoencoderKL.from_pretrained(sd, subfolder="vae").parameters()) / 1e6
+    return f"VLM {vlm:.1f}M, UNet {unet:.1f}M, VAE {vae:.1f}M parameters"
 
 
 def main() -> None:

@@ -113,3 +113,24 @@ def test_a_study_made_with_other_settings_is_refused(study):
         run_experiment(ExperimentConfig(**{**kept, "steps": cfg.steps + 1}))
     with pytest.raises(ValueError, match="test_scenes"):
         run_experiment(ExperimentConfig(**{**kept, "test_scenes": cfg.test_scenes + 2}))
+
+
+def test_dsvlm_arms_train_the_shipped_llava_and_show_reconstructions(study):
+    """The DS-VLM arms extend a study: they fine-tune the shipped LLaVA (with the shipped teacher reconstructing),
+    are compared with `llava-ar` on the same seeds, and the report shows the diffusion module's reconstructions."""
+    from lavender.world.demo import shipped_llava, shipped_teacher
+
+    cfg, _ = study
+    dsvlm = ExperimentConfig(**{**cfg.__dict__, "arms": ("llava-ar", "dsvlm"), "seeds": 1, "scaling": (),
+                                "curve_every": 0})
+    report = run_experiment(dsvlm)
+    for arm in ("llava-ar", "dsvlm"):
+        final = run_dir(dsvlm, arm, dsvlm.train_scenes, 0) / "stage2" / "final"
+        settings = json.loads((final / "lavender_train.json").read_text())
+        assert settings["model"] == str(shipped_llava()) and settings["train_projector"]
+        assert (settings["method"] == "dsvlm") == (arm == "dsvlm") == (final / "dsvlm").is_dir()
+    assert settings["dsvlm"]["diffusion"] == str(shipped_teacher()) and settings["lam"] == 0
+    results = json.loads((report.parent / "results.json").read_text())
+    assert results["summary"]["differences"]["dsvlm"]["baseline"] == "llava-ar"
+    assert (report.parent / "figures" / "reconstructions.png").exists()
+    assert "reconstructions.png" in report.read_text()

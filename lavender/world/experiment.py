@@ -41,6 +41,7 @@ class Arm:
     baseline: str = "ar"
     about: str = ""
     trains: bool = True
+    vlm: str = "mllama"  # which shipped base VLM: mllama (the Lavender arms) or llava (the DS-VLM arms)
 
 
 ARMS: dict[str, Arm] = {
@@ -63,7 +64,33 @@ ARMS: dict[str, Arm] = {
                    about="autoregressive fine-tuning, every language-model weight trained"),
     "full": Arm("teacher", (("lora", False),), baseline="ar-full",
                 about="Lavender, every language-model weight trained"),
+    # DS-VLM, on the shipped LLaVA (a vision tower deep enough for low, mid and high features): LoRA and the projector
+    "llava-base": Arm("", trains=False, baseline="", vlm="llava", about="the shipped LLaVA base VLM, no fine-tuning"),
+    "llava-ar": Arm("", (("lam", 0.0), ("train_projector", True)), baseline="", vlm="llava",
+                    about="LLaVA: autoregressive fine-tuning, LoRA and the projector"),
+    "llava-lavender": Arm("teacher", (("train_projector", True),), baseline="llava-ar", vlm="llava",
+                          about="LLaVA: Lavender (heads, lambda 10), LoRA and the projector"),
+    "dsvlm": Arm("", (("lam", 0.0), ("train_projector", True), ("method", "dsvlm")), baseline="llava-ar", vlm="llava",
+                 about="LLaVA: DS-VLM (text and low/mid/high supervision, MoE cross-attention, noise + perceptual)"),
+    "dsvlm-lavender": Arm("teacher", (("train_projector", True), ("method", "dsvlm")), baseline="llava-ar",
+                          vlm="llava", about="LLaVA: DS-VLM and Lavender together (lambda 10, mu 1)"),
+    "dsvlm-ts": Arm("", (("lam", 0.0), ("train_projector", True), ("method", "dsvlm"),
+                         ("dsvlm", {"sources": ("text",)})), baseline="llava-ar", vlm="llava",
+                    about="DS-VLM, text supervision only (the paper's Table 3)"),
+    "dsvlm-is": Arm("", (("lam", 0.0), ("train_projector", True), ("method", "dsvlm"),
+                         ("dsvlm", {"sources": ("low", "mid", "high")})), baseline="llava-ar", vlm="llava",
+                    about="DS-VLM, image supervision only (low, mid, high; Table 3)"),
+    "dsvlm-mae": Arm("", (("lam", 0.0), ("train_projector", True), ("method", "dsvlm"),
+                          ("dsvlm", {"perceptual_weight": 0.0, "mae_weight": 1.0})), baseline="llava-ar", vlm="llava",
+                     about="DS-VLM with pixel MAE in place of the perceptual loss (Table 4)"),
+    "dsvlm-ssim": Arm("", (("lam", 0.0), ("train_projector", True), ("method", "dsvlm"),
+                           ("dsvlm", {"perceptual_weight": 0.0, "ssim_weight": 1.0})), baseline="llava-ar",
+                      vlm="llava", about="DS-VLM with SSIM in place of the perceptual loss (Table 4)"),
+    "dsvlm-shared": Arm("", (("lam", 0.0), ("train_projector", True), ("method", "dsvlm"),
+                             ("dsvlm", {"cross_attention": "shared"})), baseline="llava-ar", vlm="llava",
+                        about="DS-VLM with one shared cross-attention instead of the MoE branches (Table 5)"),
 }
+DSVLM_MAIN = ("llava-ar", "dsvlm", "llava-lavender", "dsvlm-lavender")  # run in the main phase, every seed first
 SPLITS = ("test", "ood", "wide")
 PRESETS = ("full", "demo")
 
@@ -94,6 +121,9 @@ class ExperimentConfig:
                 "over training (0: none; -1: the preset's)"})
     world_seed: int = field(default=0, metadata={"help": "seed of the scenes"})
     eval_batch_size: int = field(default=32, metadata={"help": "items per generate call"})
+    report_only: bool = field(default=False, metadata={
+        "help": "train and evaluate nothing: write the report over the study's finished runs (e.g. after running "
+                "arms with different --seeds in several processes)"})
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -121,10 +151,11 @@ class ExperimentConfig:
         """The runs in three named phases: the main arms (`ar`, `lavender`, `oracle`) at every seed, then the
         data-scaling sweep, then the other arms seed by seed. A study cut short therefore has its headline
         comparison complete first, and every other arm at its first seeds before any arm gets a later one."""
-        main = [a for a in CURVE_ARMS if a in self.arms]
+        main = [a for a in (*CURVE_ARMS, *DSVLM_MAIN) if a in self.arms]
+        scaled = [a for a in CURVE_ARMS if a in self.arms]
         others = [a for a in self.arms if ARMS[a].trains and a not in main]
         return [("main arms", [(a, self.train_scenes, s) for s in range(self.seeds) for a in main]),
-                ("data scaling", [(a, n, s) for n in self.scaling for s in range(self.seeds) for a in main]),
+                ("data scaling", [(a, n, s) for n in self.scaling for s in range(self.seeds) for a in scaled]),
                 ("ablations", [(a, self.train_scenes, s) for s in range(self.seeds) for a in others])]
 
 
@@ -214,7 +245,13 @@ def train_config(cfg: ExperimentConfig, paths: dict[str, Path], arm: str, size: 
         overrides["aligner_pretrain_steps"] = cfg.steps // 5
     targets = {"": "", "teacher": paths["teacher-train"], "oracle": paths["oracle-train"]}[spec.targets]
     lr = cfg.lr / 10 if overrides.get("lora") is False else cfg.lr
-    base = TrainConfig(model=str(_vlm()), data=str(paths["data-train"]), targets=str(targets), out=str(out),
+    if overrides.get("method") == "dsvlm":  # the shipped teacher reconstructs, at the world's image size
+        from lavender.dsvlm.config import DSVLMConfig
+        from lavender.world.demo import shipped_teacher
+
+        overrides["dsvlm"] = DSVLMConfig(diffusion=str(shipped_teacher()), **overrides.get("dsvlm", {}))
+        overrides["dsvlm_lr"] = cfg.lr
+    base = TrainConfig(model=str(_vlm(spec.vlm)), data=str(paths["data-train"]), targets=str(targets), out=str(out),
                        steps=cfg.steps, batch_size=cfg.batch_size, lr=lr, aligner_lr=cfg.aligner_lr, seed=seed,
                        limit=size if size < cfg.train_scenes else 0, report_to="none")
     save = cfg.curve_every if (seed == 0 and size == cfg.train_scenes and arm in CURVE_ARMS) else 0
@@ -224,35 +261,36 @@ def train_config(cfg: ExperimentConfig, paths: dict[str, Path], arm: str, size: 
 CURVE_ARMS = ("ar", "lavender", "oracle")
 
 
-def _vlm() -> Path:
-    from lavender.world.demo import shipped_vlm
+def _vlm(family: str = "mllama") -> Path:
+    from lavender.world.demo import shipped_llava, shipped_vlm
 
-    return shipped_vlm()
+    return shipped_llava() if family == "llava" else shipped_vlm()
 
 
 def run_dir(cfg: ExperimentConfig, arm: str, size: int, seed: int) -> Path:
     return Path(cfg.out) / "runs" / arm / f"n{size}" / f"seed{seed}"
 
 
-def answer_scores(data: Path, adapter: Path | None, where: Path, batch_size: int) -> dict:
-    """The `eval answers --turns all` score table of the base VLM (with `adapter`) on `data`, kept in `where`
-    and read back from there when it is already written."""
+def answer_scores(data: Path, adapter: Path | None, where: Path, batch_size: int, vlm: str = "mllama") -> dict:
+    """The `eval answers --turns all` score table of the base VLM `vlm` (with `adapter`) on `data`, kept in
+    `where` and read back from there when it is already written."""
     from lavender.eval.answers import SUMMARY, AnswersConfig, run_answers
 
     if not (where / SUMMARY).exists():
-        run_answers(AnswersConfig(model=str(_vlm()), adapter=str(adapter or ""), data=str(data), out=str(where),
+        run_answers(AnswersConfig(model=str(_vlm(vlm)), adapter=str(adapter or ""), data=str(data), out=str(where),
                                   turns="all", batch_size=batch_size))
     return json.loads((where / SUMMARY).read_text())["scores"]
 
 
-def evaluate_model(paths: dict[str, Path], adapter: Path | None, out: Path, batch_size: int) -> dict:
+def evaluate_model(paths: dict[str, Path], adapter: Path | None, out: Path, batch_size: int,
+                   vlm: str = "mllama") -> dict:
     """Answers on every split and the VLM's own attention on the test split, scored; each part kept on disk."""
-    return {"answers": {split: answer_scores(paths[f"data-{split}"], adapter, out / f"answers-{split}", batch_size)
-                        for split in SPLITS},
-            "attention": attention_scores(paths, adapter, out / "attention-test")}
+    return {"answers": {split: answer_scores(paths[f"data-{split}"], adapter, out / f"answers-{split}", batch_size,
+                                             vlm) for split in SPLITS},
+            "attention": attention_scores(paths, adapter, out / "attention-test", vlm)}
 
 
-def attention_scores(paths: dict[str, Path], adapter: Path | None, where: Path) -> dict:
+def attention_scores(paths: dict[str, Path], adapter: Path | None, where: Path, vlm: str = "mllama") -> dict:
     """Grounding (against the masks), alignment error (against the teacher's maps) and entropy of the VLM's own
     attention, mean over layers and heads, on the test scenes."""
     from lavender.data.targets import AttentionTargets
@@ -262,7 +300,7 @@ def attention_scores(paths: dict[str, Path], adapter: Path | None, where: Path) 
     from lavender.world.scenes import word_type
 
     if not (where / "index.json").exists():
-        write_attention_store(AttentionMapsConfig(model=str(_vlm()), adapter=str(adapter or ""),
+        write_attention_store(AttentionMapsConfig(model=str(_vlm(vlm)), adapter=str(adapter or ""),
                                                   data=str(paths["data-test"]), targets=str(paths["oracle-test"]),
                                                   out=str(where), batch_size=16, overwrite=True))
     maps = AttentionTargets(where)
@@ -286,7 +324,8 @@ def run_one(cfg: ExperimentConfig, paths: dict[str, Path], arm: str, size: int, 
         adapter = where / "stage2" / "final"
         if not (adapter / "lavender_train.json").exists():
             train(train_config(cfg, paths, arm, size, seed, where / "stage2"))
-    result = {"arm": arm, "size": size, "seed": seed, **evaluate_model(paths, adapter, where, cfg.eval_batch_size)}
+    result = {"arm": arm, "size": size, "seed": seed,
+              **evaluate_model(paths, adapter, where, cfg.eval_batch_size, ARMS[arm].vlm)}
     result["seconds"] = round(time.time() - start, 1)
     atomic_write_json(done, result)
     return result
@@ -341,6 +380,22 @@ def run_curve(cfg: ExperimentConfig, paths: dict[str, Path], arm: str) -> list[d
 
 
 # -- the study ---------------------------------------------------------------------------------------------------
+def report_finished(cfg: ExperimentConfig, paths: dict[str, Path]) -> Path:
+    """The report over every finished run of `cfg`'s arms (any seed, any size) and every finished curve point."""
+    from lavender.world.study_report import write_report
+
+    results = [json.loads(p.read_text()) for arm in cfg.arms
+               for p in sorted((Path(cfg.out) / "runs" / arm).glob("n*/seed*/result.json"))]
+    curves = {}
+    for arm in CURVE_ARMS:
+        points = sorted((Path(cfg.out) / "curve" / arm).glob("step*/point.json"),
+                        key=lambda p: int(p.parent.name.removeprefix("step")))
+        if arm in cfg.arms and points:
+            curves[arm] = [json.loads(p.read_text()) for p in points]
+    _stage(f"report over {len(results)} finished runs")
+    return write_report(cfg, paths, results, curves)
+
+
 def run_experiment(cfg: ExperimentConfig) -> Path:
     """Run (or resume) the whole study and write its report, also after each phase that ran something new while
     later phases remain; returns the report's path."""
@@ -352,10 +407,12 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     check_settings(cfg)
     atomic_write_json(out / "experiment.json", asdict(cfg))
     paths = prepare(cfg)
+    if cfg.report_only:
+        return report_finished(cfg, paths)
     results = []
-    if "base" in cfg.arms:
-        _stage("evaluating the base VLM")
-        results.append(run_one(cfg, paths, "base", cfg.train_scenes, 0))
+    for arm in [a for a in cfg.arms if not ARMS[a].trains]:  # the base VLMs, evaluated as they ship
+        _stage(f"evaluating {arm}: {ARMS[arm].about}")
+        results.append(run_one(cfg, paths, arm, cfg.train_scenes, 0))
     curves: dict[str, list[dict]] = {}
     phases = cfg.phases()
     total, i = len(cfg.runs()), 0

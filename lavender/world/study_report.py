@@ -145,7 +145,8 @@ def write_report(cfg, paths: dict[str, Path], results: list[dict], curves: dict[
          _mean_sd(summary["arms"][a]["captions"].get("cider", []))] for a in arms]))
     lines += ["", "## Against autoregressive fine-tuning", "",
               "Difference in question accuracy against the arm's baseline (LoRA arms against `ar`, full "
-              "fine-tuning against `ar-full`), on the same seeds, with its 95% interval.", ""]
+              "fine-tuning against `ar-full`, the LLaVA and DS-VLM arms against `llava-ar`), on the same seeds, "
+              "with its 95% interval.", ""]
     diffs = summary["differences"]
     lines.append(_table(["arm", "baseline", *SPLITS], [
         [a, diffs[a]["baseline"], *(_interval(diffs[a][s]["questions"]) for s in SPLITS)]
@@ -266,7 +267,7 @@ def write_figures(cfg, paths: dict[str, Path], summary: dict, curves: dict, out:
 
     matplotlib.use("Agg")
     written = []
-    for make in (_maps_figure, _entropy_figure, _curve_figure, _scaling_figure):
+    for make in (_maps_figure, _entropy_figure, _curve_figure, _scaling_figure, _reconstruction_figure):
         got = make(cfg, paths, summary, curves, out)
         if got:
             written.append(got)
@@ -333,6 +334,45 @@ def _maps_figure(cfg, paths, summary, curves, out: Path):
     _save(fig, out / "maps.png")
     return "maps.png", ("Per-word maps of test scenes (shape words): the teacher's, the blurred mask, and the VLM's "
                         "own attention (mean over layers and heads, seed 0) before and after fine-tuning")
+
+
+RECONSTRUCTION_STEPS = (999, 800, 600, 400, 200, 0)
+
+
+def _reconstruction_figure(cfg, paths, summary, curves, out: Path):
+    """DS-VLM's Figure 5: the diffusion module of the `dsvlm` run (seed 0) denoising pure noise under the trained
+    VLM's features of a few test scenes, its clean-image estimate at several timesteps."""
+    import matplotlib.pyplot as plt
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lavender.data.samples import read_samples
+    from lavender.dsvlm.supervision import load_supervision, reconstruct_samples
+    from lavender.world.experiment import _vlm, run_dir
+
+    final = run_dir(cfg, "dsvlm", cfg.train_scenes, 0) / "stage2" / "final"
+    if "dsvlm" not in summary["arms"] or not (final / "dsvlm").is_dir():
+        return None
+    base = AutoModelForImageTextToText.from_pretrained(_vlm("llava"))
+    vlm = PeftModel.from_pretrained(base, str(final)).merge_and_unload().eval()
+    supervision = load_supervision(vlm, final)
+    samples = read_samples(paths["data-test"])[:4]
+    planes, shown = reconstruct_samples(vlm, AutoProcessor.from_pretrained(final), supervision, samples,
+                                        RECONSTRUCTION_STEPS)
+    columns = [("image plane", planes), *((f"t = {t}", shown[t]) for t in RECONSTRUCTION_STEPS)]
+    fig, axes = plt.subplots(len(samples), len(columns), figsize=(1.5 * len(columns), 1.5 * len(samples)),
+                             squeeze=False)
+    for col, (title, images) in enumerate(columns):
+        for row in range(len(samples)):
+            axes[row][col].imshow(((images[row].permute(1, 2, 0).float() + 1) / 2).clamp(0, 1).numpy())
+            axes[row][col].set_xticks([])
+            axes[row][col].set_yticks([])
+        axes[0][col].set_title(title, fontsize=8)
+    _save(fig, out / "reconstructions.png")
+    return "reconstructions.png", (
+        f"DS-VLM's diffusion module (`dsvlm`, seed 0) denoising pure noise in {supervision.diffusion.cfg.sample_steps} "
+        "DDIM steps under the trained LLaVA's features of test scenes: its clean-image estimate at each timestep "
+        "(the paper's Figure 5)")
 
 
 def _entropy_figure(cfg, paths, summary, curves, out: Path):
