@@ -313,6 +313,18 @@ def test_registry_picks_the_family_and_names_the_supported_ones():
         adapter_for(other)
 
 
+@pytest.mark.parametrize("config_class, missing", [("Gemma3Config", "pan-and-scan"), ("InternVLConfig", "tile canvas"),
+                                                    ("IdeficsConfig", "Perceiver latents"),
+                                                    ("PaliGemmaConfig", "prefix")])
+def test_families_without_an_adapter_are_refused_saying_what_is_missing(config_class, missing):
+    import transformers
+
+    model = torch.nn.Linear(2, 2)
+    model.config = getattr(transformers, config_class)()  # the real config class: its real model type
+    with pytest.raises(ValueError, match=rf"no VLM adapter for model type '{model.config.model_type}' \(.*{missing}"):
+        adapter_for(model)
+
+
 def test_registration_is_validated():
     with pytest.raises(TypeError):
         register_adapter(type("NoFamily", (VLMAdapter,), {}))

@@ -174,15 +174,30 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+# Families people fine-tune that have no adapter yet, and what one would have to know (docs/vlm.md, support table).
+NOT_YET = {
+    "gemma3": "Gemma 3 (pan-and-scan crops whose image tokens are average-pooled 4 x 4, wrapped in <start_of_image> "
+              "and blank lines): the pooled tokens' layout on the image and the crops' canvas are not written",
+    "internvl": "InternVL (dynamic tiles plus a thumbnail, pixel-shuffled 2 x 2): the tile canvas is not written",
+    "idefics": "IDEFICS v1, the Flamingo architecture (gated cross-attention to Perceiver latents): the latents have "
+               "no place on the image; with use_resampler=False the patches would map directly, with it only an "
+               "attention-rollout approximation (docs/other-families.md) could, and neither is written",
+    "paligemma": "PaliGemma (a prefix of image tokens with full attention inside the prefix): not written",
+}
+
+
 def adapter_for(model: torch.nn.Module) -> VLMAdapter:
-    """The adapter of `model`'s family (a peft wrapper is looked through)."""
+    """The adapter of `model`'s family (a peft wrapper is looked through).
+
+    Raises ValueError for a model type without one, saying what is missing for the families in `NOT_YET`."""
     _load_builtin()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     model_type = getattr(base.config, "model_type", None)
     if model_type not in _ADAPTERS:
-        raise ValueError(f"no VLM adapter for model type {model_type!r}; supported: {supported_model_types()}")
+        why = f" ({NOT_YET[model_type]})" if model_type in NOT_YET else ""
+        raise ValueError(f"no VLM adapter for model type {model_type!r}{why}; supported: {supported_model_types()}")
     return _ADAPTERS[model_type](base)
 
 
 def _load_builtin() -> None:
-    from lavender.vlm import idefics3, llava, llava_next, minicpmv, mllama, qwen2_vl  # noqa: F401  (registers them)
+    from lavender.vlm import idefics3, llava, llava_next, minicpmv, mllama, qwen2_vl, qwen3_vl  # noqa: F401 (registers)
