@@ -126,7 +126,11 @@ def _given(cls: type, args: argparse.Namespace, prefix: str = "") -> dict[str, A
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{args.config} is not valid YAML: {str(err).splitlines()[0]} "
+                              f"({' '.join(str(err).split()[-4:])})") from err
         if not isinstance(loaded, dict):
             raise ConfigError(f"{args.config}: expected a mapping of options")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})

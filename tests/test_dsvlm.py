@@ -287,6 +287,9 @@ def test_llava_two_stage_recipe(llava_dir, tiny_world, tiny_sd, tmp_path):
     changed = {k for k in saved if not torch.equal(saved[k], base[k])}
     assert changed and all("multi_modal_projector" in k for k in changed)
 
+    with pytest.raises(ValueError, match=r"other DS-VLM settings \(saved, given\): adapter mlp vs linear"):
+        Trainer(_cfg(stage1, tiny_world, tmp_path / "x", tiny_sd, train_projector=True, dsvlm_init=str(stage1),
+                     dsvlm={"adapter": "linear"}))
     trainer = Trainer(_cfg(stage1, tiny_world, tmp_path / "it", tiny_sd, train_projector=True, steps=1,
                            dsvlm_init=str(stage1)))
     loaded = trainer.accelerator.unwrap_model(trainer.objective).reconstruction.diffusion.trainable_state_dict()
@@ -395,7 +398,7 @@ def test_qwen2_vl_trains_with_its_patch_merger_as_projector(tiny_world, tiny_sd,
     assert features["text"].tokens.shape[-1] == model.config.text_config.hidden_size
     terms = supervision(outputs, batch.inputs, batch.pixels, batch.sample_ids)
     assert terms["rec"].shape == (2,) and torch.isfinite(terms["rec"]).all()
-    train(_cfg(model_dir, tiny_world, tmp_path / "run", tiny_sd, steps=1, batch_size=2, train_projector=True,
+    train(_cfg(model_dir, tiny_world, tmp_path / "run", tiny_sd, steps=1, batch_size=2, train_vision=True,
                dsvlm={"cross_attention": "shared", "image_estimate": "sampled", "sample_steps": 4, "ssim_weight": 1.0,
                       "mae_weight": 1.0}))
     assert {"L_rec/noise", "L_rec/mae", "L_rec/ssim", "L_rec/perceptual"} <= set(_metrics(tmp_path / "run")[0])
@@ -426,7 +429,11 @@ def test_unsupported_families_and_teachers_are_refused(tiny_world, tiny_sd, tmp_
         Trainer(_cfg(llava_dir, tiny_world, tmp_path / "x", sdxl))
     with pytest.raises(ValueError, match="vision encoder has 2 layers"):
         Trainer(_cfg(llava_dir, tiny_world, tmp_path / "y", tiny_sd, dsvlm={"vision_layers": (1, 2, 5)}))
-    with pytest.raises(ValueError, match="--dsvlm-init needs --method dsvlm"):
+    with pytest.raises(ValueError, match="--dsvlm-init set DS-VLM options, which only --method dsvlm reads"):
         TrainConfig(model="m", dsvlm_init="x")
+    with pytest.raises(ValueError, match="--dsvlm-adapter, --mu set DS-VLM options"):
+        TrainConfig(model="m", dsvlm={"adapter": "linear"}, mu=0.5)
+    with pytest.raises(ValueError, match="no DS-VLM modules there"):
+        Trainer(_cfg(llava_dir, tiny_world, tmp_path / "z", tiny_sd, dsvlm_init=str(tmp_path)))
     with pytest.raises(ValueError, match="--no-lora"):
         TrainConfig(method="dsvlm", train_language=False)

@@ -8,6 +8,7 @@ from its `--dsvlm-*` flags; a trained output keeps it as `dsvlm/dsvlm_config.jso
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from lavender.config import build_config
 
 CONFIG_NAME = "dsvlm_config.json"
+VERSION = 1  # format version of CONFIG_NAME
 WEIGHTS_NAME = "model.safetensors"
 DSVLM_DIR = "dsvlm"  # inside a trained output or checkpoint: <out>/final/dsvlm/
 SOURCES = ("text", "low", "mid", "high")  # the projector's output, then the vision encoder's three levels
@@ -61,7 +63,6 @@ class DSVLMConfig:
                 "(the paper's 50 iterations)"})
     min_timestep: int = field(default=0, metadata={"help": "smallest training timestep drawn"})
     max_timestep: int = field(default=0, metadata={"help": "largest training timestep drawn (0: the last)"})
-    version: int = field(default=1, metadata={"help": "format version of this file"})
 
     def __post_init__(self) -> None:
         self.sources = tuple(self.sources)
@@ -91,6 +92,10 @@ class DSVLMConfig:
             raise ValueError("--dsvlm-max-timestep must not be below --dsvlm-min-timestep")
         if self.qformer_queries < 1:
             raise ValueError("--dsvlm-qformer-queries must be positive")
+        if self.perceptual == "lpips" and self.perceptual_weight and importlib.util.find_spec("lpips") is None:
+            raise ValueError("--dsvlm-perceptual lpips needs the `lpips` package and torchvision (`pip install lpips "
+                             "torchvision`, matching your torch build); without them use --dsvlm-perceptual vae or "
+                             "hf:<vision model>")
 
     @property
     def image_losses(self) -> bool:
@@ -100,7 +105,7 @@ class DSVLMConfig:
     def save_pretrained(self, directory: str | Path) -> Path:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        (path / CONFIG_NAME).write_text(json.dumps({**dataclasses.asdict(self), "version": VERSION}, indent=2) + "\n")
         return path / CONFIG_NAME
 
     @classmethod
@@ -110,4 +115,7 @@ class DSVLMConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.exists():
             raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}, so not a DS-VLM output")
-        return build_config(cls, json.loads(path.read_text()))
+        values = json.loads(path.read_text())
+        if values.pop("version", VERSION) > VERSION:
+            raise ValueError(f"{path} was written by a newer version of lavender (format {VERSION} is read here)")
+        return build_config(cls, values)

@@ -165,8 +165,18 @@ class TrainConfig:
         if not self.train_language and self.lora:
             raise ValueError("--no-train-language leaves LoRA nothing to adapt: add --no-lora (and --train-projector "
                              "or --train-vision for what should train)")
-        if self.dsvlm_init and self.method != "dsvlm":
-            raise ValueError("--dsvlm-init needs --method dsvlm")
+        if self.method != "dsvlm":
+            given = [f"--dsvlm-{k.replace('_', '-')}" for k, v in self.dsvlm.__dict__.items()
+                     if v != getattr(DSVLMConfig(), k)]
+            given += [flag for flag, v, d in (("--dsvlm-init", self.dsvlm_init, ""), ("--mu", self.mu, 1.0),
+                                              ("--dsvlm-lr", self.dsvlm_lr, 1e-4)) if v != d]
+            if given:
+                raise ValueError(f"{', '.join(given)} set DS-VLM options, which only --method dsvlm reads: add "
+                                 "--method dsvlm, or leave them out")
+        elif not (self.train_projector or self.train_vision):
+            logging.getLogger(__name__).warning(
+                "--method dsvlm with neither --train-projector nor --train-vision: the reconstruction loss trains only "
+                "DS-VLM's own adapters and branches, so the saved VLM is plain fine-tuning (at DS-VLM's cost)")
         if self.lam < 0 or self.aligner_pretrain_steps < 0:
             raise ValueError("--lam and --aligner-pretrain-steps must not be negative")
         if self.aligner_pretrain_steps and self.aligner_pretrain_steps >= self.steps:

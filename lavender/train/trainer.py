@@ -107,9 +107,13 @@ def load_vlm(name: str):
 
 
 def load_model(name: str, dtype: str = "auto"):
-    """The model of `name` with its weights in `dtype` (`auto`: the checkpoint's, transformers 5's default)."""
+    """The model of `name` with its weights in `dtype` (`auto`: the checkpoint's, transformers 5's default). A local
+    directory is loaded by its absolute path, which a saved adapter then records as its base, so the adapter loads
+    from any working directory."""
     from transformers import AutoModelForImageTextToText
 
+    local = Path(name)
+    name = str(local.resolve()) if local.is_dir() else name
     return AutoModelForImageTextToText.from_pretrained(name, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
 
 
@@ -622,6 +626,11 @@ class Trainer:
         if found:
             self.accelerator.load_state(str(found[-1]))
             self.accelerator.print(f"resumed from {found[-1]} at step {self.progress.step}")
+            metrics = self.out / "metrics.jsonl"
+            if self.accelerator.is_main_process and metrics.exists():  # drop the steps done after that checkpoint
+                kept = [line for line in metrics.read_text().splitlines(keepends=True)
+                        if json.loads(line)["step"] <= self.progress.step]
+                atomic_write_text(metrics, "".join(kept))
 
     # -- the loop ----------------------------------------------------------------------------------------
     def micro_batches(self) -> Iterator[Batch]:
@@ -797,15 +806,33 @@ class Trainer:
         return final
 
 
+# the DSVLMConfig fields that shape DS-VLM's trained modules: a --dsvlm-init output must have been made with the same
+SHAPING = ("sources", "vision_layers", "adapter", "qformer_queries", "positions", "cross_attention")
+
+
 def build_reconstruction(model: nn.Module, cfg: TrainConfig):
     """DS-VLM's term for `model` (after `select_parameters`, so that it reads the modules that run), started from
-    `--dsvlm-init` if given."""
+    `--dsvlm-init` if given. Raises ValueError if that output holds no DS-VLM modules or was made with other
+    settings of the fields in SHAPING."""
+    from lavender.dsvlm.config import DSVLMConfig
     from lavender.dsvlm.supervision import build_supervision
 
     supervision = build_supervision(model, cfg.dsvlm)
     if cfg.dsvlm_init:
         path = Path(cfg.dsvlm_init)
-        supervision.diffusion.load_trainable(path / DSVLM_DIR if (path / DSVLM_DIR).is_dir() else path)
+        path = path / DSVLM_DIR if (path / DSVLM_DIR).is_dir() else path
+        if not (path / "dsvlm_config.json").exists():
+            raise ValueError(f"--dsvlm-init {cfg.dsvlm_init}: no DS-VLM modules there (a `lavender train --method "
+                             f"dsvlm` output has them in final/{DSVLM_DIR}/)")
+        saved = DSVLMConfig.from_pretrained(path)
+        differ = {k: (getattr(saved, k), getattr(cfg.dsvlm, k)) for k in SHAPING
+                  if getattr(saved, k) != getattr(cfg.dsvlm, k)}
+        if differ:
+            raise ValueError(f"--dsvlm-init {cfg.dsvlm_init} was trained with other DS-VLM settings (saved, given): "
+                             + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items())
+                             + "; give the saved values")
+        supervision.diffusion.load_trainable(path)
+        log.info("DS-VLM's adapters and branches start from %s", path)
     return supervision
 
 

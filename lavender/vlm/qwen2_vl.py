@@ -67,7 +67,7 @@ class Qwen2VLAdapter(SelfAttentionAdapter):
 
     # DS-VLM: the vision blocks (packed patches of every image of the batch) and the patch merger. Qwen2.5-VL's
     # blocks see the patches in attention-window order, which `vision_tokens` does not undo: it is not served.
-    vision_layer_pattern = r"visual\.blocks\.(\d+)$"
+    vision_layer_pattern = r"visual\..*blocks\.(\d+)$"  # also inside peft's copy of a trained tower
     projector_name = "merger"
 
     @property
