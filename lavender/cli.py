@@ -190,10 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=8, help="number of samples to draw")
     p.set_defaults(func=cmd_viz)
 
-    p = sub.add_parser("train", help="stage 2: fine-tune a VLM with L_VLM + lambda * L_att (resumable)",
-                       description="Fine-tune a Hugging Face VLM (Mllama, LLaVA, Qwen2-VL) on image-text data, "
-                                   "aligning its text-to-image attention with a stage-1 targets store. LoRA or "
-                                   "full fine-tuning; runs under `accelerate launch` (DDP, FSDP, DeepSpeed).")
+    p = sub.add_parser("train", help="stage 2: fine-tune a VLM with L_VLM + lambda * L_att (+ mu * L_rec, DS-VLM; "
+                                     "resumable)",
+                       description="Fine-tune a Hugging Face VLM (the families of docs/vlm.md: Mllama, LLaVA, "
+                                   "LLaVA-NeXT/OneVision, Qwen2/2.5/3-VL, Idefics3/SmolVLM, MiniCPM-V) on image-text "
+                                   "data, aligning its text-to-image attention with a stage-1 targets store, and/or "
+                                   "(--method dsvlm, LLaVA and Qwen2-VL) training its vision side by diffusion "
+                                   "reconstruction. LoRA or full fine-tuning; runs under `accelerate launch` (DDP, "
+                                   "FSDP, DeepSpeed).")
     add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
