@@ -340,3 +340,13 @@ def test_unknown_prediction_type_is_refused(tiny_sd):
     pipe.scheduler.register_to_config(prediction_type="flow_prediction")
     with pytest.raises(ValueError, match="predicts 'flow_prediction'"):
         Extractor(cfg, pipe, mask_padding=False)
+
+
+def test_a_directory_holding_train_json_means_its_train_split(tiny_sd, tiny_world, tmp_path):
+    """As for `lavender train`: `--data <dir>` with a train.json in it extracts that split, not the directory's
+    images as an image folder."""
+    from lavender.data.samples import read_samples
+
+    run_extract(_config(tiny_sd, tiny_world, tmp_path / "store", limit=3))
+    expected = [s.id for s in read_samples(str(tiny_world / "train.json"))][:3]
+    assert sorted(AttentionTargets(tmp_path / "store")) == sorted(expected)

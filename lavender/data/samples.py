@@ -419,3 +419,9 @@ def read_samples(data: str | Path, image_root: str | Path | None = None,
     if refused is not None:
         refused.extend(bad)
     return usable
+
+
+def resolve_data(path: str) -> str:
+    """A directory holding `train.json` (like the shapes world's) means its train split; anything else is `path`."""
+    p = Path(path)
+    return str(p / "train.json") if p.is_dir() and (p / "train.json").exists() else path

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from lavender.data.samples import TEXT_SOURCES, Sample, read_samples
+from lavender.data.samples import TEXT_SOURCES, Sample, read_samples, resolve_data
 from lavender.data.targets import (
     FAILURES_FILE,
     STORE_FILE,
@@ -350,7 +350,7 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
         state.wait_for_everyone()
 
     refused: list[Sample] = []
-    samples = read_samples(cfg.data, cfg.image_root or None, refused=refused)
+    samples = read_samples(resolve_data(cfg.data), cfg.image_root or None, refused=refused)
     if cfg.limit:
         samples = samples[: cfg.limit]
     device = torch.device(cfg.device) if cfg.device else (state.device if state else torch.device("cpu"))

@@ -16,7 +16,6 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -25,7 +24,7 @@ from torch.utils.data import Dataset
 
 from lavender.align.words import match_words
 from lavender.data.frame import FULL, Box, CommonView, ImageView, common_view, frame_box, resample
-from lavender.data.samples import Sample, read_samples, strip_image_tags
+from lavender.data.samples import Sample, read_samples, resolve_data, strip_image_tags
 from lavender.data.targets import AttentionTargets
 from lavender.diffusion.words import find_words
 from lavender.utils.maps import min_max
@@ -100,12 +99,6 @@ def plane_image(image, view: ImageView, size: int) -> torch.Tensor:
     pixels = np.asarray(crop.resize((w, h), Image.BICUBIC), np.float32) / 127.5 - 1.0
     canvas[:, p_top:p_top + h, p_left:p_left + w] = torch.from_numpy(pixels).permute(2, 0, 1)
     return canvas
-
-
-def resolve_data(path: str) -> str:
-    """A directory holding `train.json` (like the shapes world's) means its train split."""
-    p = Path(path)
-    return str(p / "train.json") if p.is_dir() and (p / "train.json").exists() else path
 
 
 def conversation(sample: Sample, instruction: str) -> list[tuple[str, str]]:
