@@ -182,6 +182,10 @@ def test_perceptual_networks(tiny_sd, tmp_path):
         distance.sum().backward()  # gradients reach the image, the network stays frozen
         assert other.grad.abs().sum() > 0 and not any(p.requires_grad for p in loss.parameters())
         other.grad = None
+    with pytest.raises(ValueError, match="no such directory"):
+        PerceptualLoss(f"hf:{tmp_path / 'nothing'}")
+    with pytest.raises(ValueError, match="reads no images"):
+        PerceptualLoss(f"hf:{tiny_sd}/text_encoder")
     try:
         import lpips  # noqa: F401
     except ImportError:

@@ -17,6 +17,9 @@ pretrained feature network, chosen by `--dsvlm-perceptual`:
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,10 +81,18 @@ class HFVisionFeatures(nn.Module):
         super().__init__()
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
+        local = Path(name).expanduser()
+        if name.startswith((".", "/", "~")) and not local.is_dir():
+            raise ValueError(f"--dsvlm-perceptual hf:{name}: no such directory")
         config = AutoConfig.from_pretrained(name)
         self.model = AutoModel.from_pretrained(name).eval().requires_grad_(False)
-        if hasattr(self.model, "vision_model") and not hasattr(self.model, "embeddings"):  # a two-tower model
-            self.model = self.model.vision_model
+        for tower in ("vision_model", "vision_tower", "visual"):  # a two-tower model or a VLM: its vision encoder
+            if hasattr(self.model, tower) and not hasattr(self.model, "embeddings"):
+                self.model = getattr(self.model, tower)
+                break
+        if "pixel_values" not in inspect.signature(self.model.forward).parameters:
+            raise ValueError(f"--dsvlm-perceptual hf:{name}: a {type(self.model).__name__} reads no images; give a "
+                             "vision model (CLIP, SigLIP, DINOv2, or a VLM whose vision encoder is used)")
         vision = getattr(config, "vision_config", config)
         self.size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
         processor = AutoImageProcessor.from_pretrained(name)
