@@ -15,11 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
+from family_testers import chat, noise_image, save_tiny, word_level
+from tokenizers import AddedToken, decoders
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -53,15 +51,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     words = sorted({w.lower() for w in tokenizer_words()} | {"user", "assistant"})
     pieces = list(dict.fromkeys([*words, *DIGITS, *PUNCTUATION]))
     vocab = {t: i for i, t in enumerate([*pieces, "\n", *SPECIAL_TOKENS])}
-    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Whitespace(),
-            pre_tokenizers.Punctuation(behavior="isolated"),
-            pre_tokenizers.Digits(individual_digits=True),
-        ]
-    )
+    tok = word_level(vocab, UNK)
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
@@ -135,18 +125,6 @@ def tiny_idefics3(attn: str, kind: str = "idefics3"):
     return cls(config).eval()
 
 
-def chat(question: str, answer: str) -> list[dict]:
-    """One image-question-answer exchange in the message format the stage-2 trainer uses."""
-    return [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-    ]
-
-
-def noise_image(height: int, width: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 # (question, answer, image height, width): a wide image (1 x 2 crops: 3 frames, padded to 5 by the processor) and
 # a square one (2 x 2 crops and the global view), the longer sample
 SAMPLES = (
@@ -165,16 +143,8 @@ def idefics3_inputs(padding_side: str = "left", count: int = 2, kind: str = "ide
 
 
 def save_tiny_idefics3(out: str | Path, kind: str = "idefics3") -> Path:
-    """Save a seeded tiny model and its processor to `out`, loadable by `AutoModelForImageTextToText` and
-    `AutoProcessor` `.from_pretrained(out)`; returns the path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = tiny_idefics3("sdpa", kind)
-    gen = model.generation_config
-    gen.eos_token_id, gen.pad_token_id = model.config.text_config.eos_token_id, model.config.text_config.pad_token_id
-    model.save_pretrained(out)
-    build_processor(kind).save_pretrained(out)
-    return out
+    """Save a seeded tiny model and its processor to `out` (see `family_testers.save_tiny`); returns the path."""
+    return save_tiny(tiny_idefics3("sdpa", kind), build_processor(kind), out)
 
 
 class Idefics3Tester(VLMTester):

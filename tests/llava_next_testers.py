@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+import family_testers
 import torch
+from family_testers import chat
 from PIL import Image
 from tokenizers import AddedToken
 from transformers import (
@@ -187,15 +188,9 @@ def tiny_model(attn: str, onevision: bool, **kwargs):
     return cls(config).eval()
 
 
-def chat(question: str, answer: str) -> list[dict]:
-    return [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-    ]
-
-
 def noise_image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    """`family_testers.noise_image`, sized width first as this family's samples are."""
+    return family_testers.noise_image(height, width, seed)
 
 
 # (question, answer, width, height). LLaVA-NeXT: a 60 x 40 image gets 2 x 2 crops (8 x 8 features), unpadded to

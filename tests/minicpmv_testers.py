@@ -23,11 +23,10 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
+from family_testers import noise_image, word_level
 from PIL import Image
-from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
+from tokenizers import AddedToken
 from transformers import (
     MiniCPMOcrConfig,
     MiniCPMOcrForConditionalGeneration,
@@ -81,13 +80,7 @@ def build_tokenizer(world: bool = False) -> PreTrainedTokenizerFast:
     else:
         tokens = [*WORDS, *"0123456789", *".,?:", *SPECIAL_TOKENS]
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Whitespace(),
-        pre_tokenizers.Punctuation(behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
-    ])
+    tok = word_level(vocab, UNK)
     specials = [*SPECIAL_TOKENS, TURN_START, TURN_END] if world else SPECIAL_TOKENS
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return PreTrainedTokenizerFast(
@@ -179,10 +172,6 @@ def tiny_minicpmv(attn: str, kind: str = "minicpmv4_6", tokenizer: PreTrainedTok
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.normal_(std=0.5)
     return model
-
-
-def noise_image(height: int, width: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def expand_images(texts: list[str], processed: dict, image_processor: MiniCPMV4_6ImageProcessorPil) -> list[str]:

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
+from family_testers import chat, noise_image, save_tiny, word_level
+from tokenizers import AddedToken, decoders
 from transformers import (
     PaddleOCRVLProcessor,
     PreTrainedTokenizerFast,
@@ -70,15 +68,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     words = sorted(set(world_vocabulary()) | set(EXTRA_WORDS))
     pieces = [*words, *"0123456789", *".,?!:;'-()"]
     vocab = {t: i for i, t in enumerate([*pieces, *SPECIAL_TOKENS])}
-    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Whitespace(),
-            pre_tokenizers.Punctuation(behavior="isolated"),
-            pre_tokenizers.Digits(individual_digits=True),
-        ]
-    )
+    tok = word_level(vocab, UNK)
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return PreTrainedTokenizerFast(
@@ -184,18 +174,6 @@ def tiny_qwen2_vl(
     return cls(config).eval()
 
 
-def chat(question: str, answer: str) -> list[dict]:
-    """One image-question-answer exchange in the message format the stage-2 trainer uses."""
-    return [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-    ]
-
-
-def noise_image(height: int, width: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 # (question, answer, image height, width): the first sample is the longer one (8 image tokens, a 4 x 2 grid),
 # the second is shorter (6 image tokens, 2 x 3) and gets the padding
 SAMPLES = (
@@ -215,16 +193,8 @@ def qwen2_vl_inputs(padding_side: str = "left", count: int = 2, processor=None) 
 
 
 def save_tiny_qwen2_vl(out: str | Path, qwen2_5: bool = False) -> Path:
-    """Save a seeded tiny model and its processor to `out`, loadable by `AutoModelForImageTextToText` and
-    `AutoProcessor` `.from_pretrained(out)`; returns the path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = tiny_qwen2_vl("sdpa", qwen2_5)
-    gen = model.generation_config
-    gen.eos_token_id, gen.pad_token_id = model.config.text_config.eos_token_id, model.config.text_config.pad_token_id
-    model.save_pretrained(out)
-    build_processor().save_pretrained(out)
-    return out
+    """Save a seeded tiny model and its processor to `out` (see `family_testers.save_tiny`); returns the path."""
+    return save_tiny(tiny_qwen2_vl("sdpa", qwen2_5), build_processor(), out)
 
 
 class Qwen2VLTester(VLMTester):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from family_testers import save_tiny
 from qwen2_vl_testers import (
     ENDOFTEXT,
     IM_END,
@@ -22,9 +23,9 @@ from qwen2_vl_testers import (
     VIDEO_PAD,
     VISION_END,
     VISION_START,
+    Qwen2VLTester,
     build_processor,
     build_tokenizer,
-    qwen2_vl_inputs,
 )
 from transformers import (
     Qwen3VLConfig,
@@ -33,7 +34,6 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
     Qwen3VLProcessor,
 )
-from vlm_testers import VLMTester
 
 DEEPSTACK = [0, 1]  # both vision blocks feed DeepStack: added after decoder layers 0 and 1
 
@@ -112,21 +112,13 @@ def tiny_qwen3_vl(attn: str, moe: bool = False) -> Qwen3VLForConditionalGenerati
 
 
 def save_tiny_qwen3_vl(out: str | Path, moe: bool = False) -> Path:
-    """Save a seeded tiny model and its processor to `out`, loadable by `AutoModelForImageTextToText` and
-    `AutoProcessor` `.from_pretrained(out)`; returns the path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = tiny_qwen3_vl("sdpa", moe)
-    gen = model.generation_config
-    gen.eos_token_id, gen.pad_token_id = model.config.text_config.eos_token_id, model.config.text_config.pad_token_id
-    model.save_pretrained(out)
-    build_processor().save_pretrained(out)
-    return out
+    """Save a seeded tiny model and its processor to `out` (see `family_testers.save_tiny`); returns the path."""
+    return save_tiny(tiny_qwen3_vl("sdpa", moe), build_processor(), out)
 
 
-class Qwen3VLTester(VLMTester):
+class Qwen3VLTester(Qwen2VLTester):
     """Qwen3-VL or Qwen3-VL-MoE: q/k norms, interleaved M-RoPE, GQA, DeepStack; unbiased projections; a left-padded
-    batch, then one sample without any mask."""
+    batch, then one sample without any mask (Qwen2-VL's batches and image token)."""
 
     layers, biased = (0, 2), False
 
@@ -135,10 +127,3 @@ class Qwen3VLTester(VLMTester):
 
     def build_model(self, attn):
         return tiny_qwen3_vl(attn, self.moe)
-
-    def batches(self):
-        return [qwen2_vl_inputs(padding_side="left"), qwen2_vl_inputs(count=1)]
-
-    @property
-    def image_token_id(self):
-        return build_tokenizer().convert_tokens_to_ids(IMAGE_PAD)

@@ -4,10 +4,12 @@ saved models, and the stage-2 data and training path (with the offsets change it
 
 from __future__ import annotations
 
+import family_testers
 import numpy as np
 import pytest
 import test_vlm_adapters as suite
 import torch
+from family_testers import assert_marker_in_cell, attention_maps, chat, noise_image, train_toward, with_marker_in_cell
 from idefics3_testers import (
     CROP,
     FAKE,
@@ -20,14 +22,12 @@ from idefics3_testers import (
     build_image_processor,
     build_processor,
     build_tokenizer,
-    chat,
     idefics3_inputs,
-    noise_image,
     save_tiny_idefics3,
     tiny_idefics3,
 )
 
-from lavender.data.frame import absolute, common_view, frame_box, resample
+from lavender.data.frame import common_view, frame_box
 from lavender.train.data import offsets_in_chat
 from lavender.vlm.base import adapter_for, supported_model_types
 from lavender.vlm.idefics3 import IMAGE_KEYS, Idefics3Adapter, frames_to_plane, image_layout
@@ -110,14 +110,7 @@ def test_frames_lay_out_on_the_crop_canvas_and_the_global_view():
 
 def embedding_change(model, batch) -> torch.Tensor:
     """(B, S): how far each position's input embedding moved from sample 0's."""
-    seen = {}
-    hook = model.model.text_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
-    )
-    with torch.no_grad():
-        model(**batch)
-    hook.remove()
-    return (seen["embeds"] - seen["embeds"][:1]).abs().amax(-1)
+    return family_testers.embedding_change(model, batch, model.model.text_model)
 
 
 def local_model(kind: str = "idefics3"):
@@ -173,24 +166,21 @@ def test_crop_tokens_land_on_their_cell(kind, width, height, longest, grid):
 def test_a_marker_lands_in_the_same_cell_in_both_stages(image_keys, target_cell):
     """tests/test_frame.py's marker test for this family: a 640 x 480 photo split into 3 x 4 crops by the real
     processor, through the vision tower; the marker falls in `target_cell` of the stage-1 map and of the plane."""
-    from test_frame import H, R, W, cell, photo, stage1_map, with_marker
+    from test_frame import H, W, photo
 
     model, processor = local_model(), build_processor(image_processor=build_image_processor(longest_edge=64))
     adapter = Idefics3Adapter(model, image_keys=image_keys)
     base = photo()
     view = Idefics3Adapter.image_view(processor, (W, H), {})
     common = common_view(frame_box("full", W, H), view)
-    row, col = target_cell
-    centre = absolute(((row + 0.5) / R, (col + 0.5) / R, (row + 0.5) / R, (col + 0.5) / R), common.image)
-    marked = with_marker(base, (centre[1], centre[0]), side=40)
+    marked = with_marker_in_cell(base, common.image, target_cell)
 
     text = processor.apply_chat_template(chat("what is this ?", "a photo ."), tokenize=False)
     batch = dict(processor(text=[text] * 2, images=[[base], [marked]], return_tensors="pt"))
     assert batch["pixel_values"].shape[1] == 13  # 3 x 4 crops and the global view
     plane = adapter.to_image(embedding_change(model, batch)[:, None, None, :], batch)[1][0, 0]
     assert plane.shape == (3 * SIDE, 4 * SIDE)
-    assert cell(resample(stage1_map(base, marked), common.in_target, R)) == target_cell
-    assert cell(resample(plane, common.in_plane, R)) == target_cell
+    assert_marker_in_cell(base, marked, plane, common, target_cell)
 
 
 # -- refusals -----------------------------------------------------------------------------------------------------
@@ -339,9 +329,6 @@ def test_the_vlms_own_attention_moves_toward_the_targets(tiny_world, tmp_path):
     lets the tiny VLM learn instead is left open. So only the first claim is asserted."""
     from test_attention_moves import _distance
 
-    from lavender.eval.attention import AttentionMapsConfig, write_attention_store
-    from lavender.train.config import TrainConfig
-    from lavender.train.trainer import train
     from lavender.world.oracle import write_oracle_store
 
     model = save_tiny_idefics3(tmp_path / "idefics3")
@@ -349,44 +336,8 @@ def test_the_vlms_own_attention_moves_toward_the_targets(tiny_world, tmp_path):
     distance = {}
     for lam in (0.0, 100.0):
         out = tmp_path / f"lam{lam:g}"
-        final = train(
-            TrainConfig(
-                model=str(model),
-                data=str(tiny_world),
-                targets=str(oracle),
-                out=str(out),
-                lam=lam,
-                steps=40,
-                batch_size=4,
-                lr=3e-3,
-                aligner_lr=3e-3,
-                schedule="constant",
-                aggregation="mean-mean",
-                lora_dropout=0.0,
-                max_grad_norm=0.0,
-                report_to="none",
-            )
-        )
-        maps = write_attention_store(
-            AttentionMapsConfig(
-                model=str(model),
-                adapter=str(final),
-                data=str(tiny_world / "train.json"),
-                targets=str(oracle),
-                out=str(out / "maps"),
-                aggregation="mean-mean",
-            )
-        )
-        distance[lam] = _distance(maps, oracle)
-    before = write_attention_store(
-        AttentionMapsConfig(
-            model=str(model),
-            data=str(tiny_world / "train.json"),
-            targets=str(oracle),
-            out=str(tmp_path / "before"),
-            aggregation="mean-mean",
-        )
-    )
-    distance["before"] = _distance(before, oracle)
+        final = train_toward(model, tiny_world, oracle, out, lam, steps=40)
+        distance[lam] = _distance(attention_maps(model, tiny_world, oracle, out / "maps", adapter=str(final)), oracle)
+    distance["before"] = _distance(attention_maps(model, tiny_world, oracle, tmp_path / "before"), oracle)
     assert np.isfinite(list(distance.values())).all()
     assert distance[100.0] < 0.9 * distance["before"], distance

@@ -10,14 +10,21 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import test_vlm_adapters as suite
 import torch
+from family_testers import (
+    adapter_suite,
+    assert_marker_in_cell,
+    attention_maps,
+    chat,
+    embedding_change,
+    train_toward,
+    with_marker_in_cell,
+)
 from llava_next_testers import (
     CROP,
     ONEVISION_SAVED,
     LlavaNextTester,
     build_tokenizer,
-    chat,
     next_processor,
     noise_image,
     onevision_processor,
@@ -28,50 +35,23 @@ from llava_next_testers import (
 )
 from transformers.image_processing_utils import get_patch_output_size
 
-from lavender.data.frame import ImageView, absolute, common_view, frame_box, resample
+from lavender.data.frame import ImageView, common_view, frame_box
 from lavender.vlm.base import adapter_for, supported_model_types
 from lavender.vlm.llava_next import LlavaNextAdapter, crops_view, model_layout, processor_layout, resized_for_patching
 
 TESTERS = [LlavaNextTester(), LlavaNextTester(onevision=True)]
-by_type = pytest.mark.parametrize("tester", TESTERS, ids=lambda t: t.id)
 MODEL_TYPES = [pytest.param(False, id="llava_next"), pytest.param(True, id="llava_onevision")]
 
 
 # -- the shared adapter suite (tests/test_vlm_adapters.py), run on both model types --------------------------------
-@pytest.mark.parametrize(
-    "tester, attn",
-    [
-        *(pytest.param(t, attn, id=f"{attn}-{t.id}") for t in TESTERS for attn in ("sdpa", "eager")),
-        *(pytest.param(t, suite.USER_KERNEL, id=f"{suite.USER_KERNEL}-{t.id}") for t in TESTERS),
-    ],
-)
-def test_rows_equal_eager_attention_and_logits_stay_exact(tester, attn):
-    suite.test_rows_equal_eager_attention_and_logits_stay_exact(tester, attn)
-
-
-@by_type
-def test_per_sample_rows_equal_the_same_rows_shared(tester):
-    suite.test_per_sample_rows_equal_the_same_rows_shared(tester)
-
-
-@by_type
-def test_bf16_rows_keep_float32_precision(tester):
-    suite.test_bf16_rows_keep_float32_precision(tester)
-
-
-@by_type
-def test_rows_train_q_and_k_also_checkpointed_and_through_lora(tester):
-    suite.test_rows_train_q_and_k_also_checkpointed_and_through_lora(tester)
-
-
-@by_type
-def test_learned_projections_start_equal_and_move_only_the_loss_rows(tester):
-    suite.test_learned_projections_start_equal_and_move_only_the_loss_rows(tester)
-
-
-@by_type
-def test_kernels_without_a_readable_mask_are_refused(tester):
-    suite.test_kernels_without_a_readable_mask_are_refused(tester)
+(
+    test_rows_equal_eager_attention_and_logits_stay_exact,
+    test_per_sample_rows_equal_the_same_rows_shared,
+    test_bf16_rows_keep_float32_precision,
+    test_rows_train_q_and_k_also_checkpointed_and_through_lora,
+    test_learned_projections_start_equal_and_move_only_the_loss_rows,
+    test_kernels_without_a_readable_mask_are_refused,
+) = adapter_suite(TESTERS)
 
 
 def test_adapter_for_picks_the_family_for_both_model_types():
@@ -209,15 +189,8 @@ def marker_plane(onevision: bool, base_image, marked, on_base: bool = False):
     )
     text = processor.apply_chat_template(chat("what is this ?", "a circle ."), tokenize=False)
     batch = dict(processor(text=[text] * 2, images=[base_image, marked], return_tensors="pt"))
-    seen = {}
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
-    )
-    with torch.no_grad():
-        model(**batch)
-    hook.remove()
+    change = embedding_change(model, batch)  # (2, S)
     adapter = adapter_for(model)
-    change = (seen["embeds"] - seen["embeds"][:1]).abs().amax(-1)  # (2, S)
     assert change[batch["input_ids"] != adapter.image_token_id].max() == 0
     if on_base:
         return adapter.base_to_image(change[:, None, None], batch)[1][0, 0], LlavaNextAdapter.base_view(
@@ -236,20 +209,17 @@ def test_a_marker_lands_in_the_same_cell_in_both_stages(onevision, target_cell, 
     of the part of the image both stages describe; stage 1's map and the VLM's plane (the crop canvas: 12 x 16
     features for LLaVA-NeXT, 3 x 3 crops shrunk to 13 x 18 for OneVision; or the base image's 8 x 8), each cut to
     that part and resampled to R x R, put it in `target_cell`."""
-    from test_frame import R, cell, photo, stage1_map, with_marker
+    from test_frame import photo
 
     base = photo()
     on_base = plane == "base"
     _, view = marker_plane(onevision, base, base, on_base)
     common = common_view(frame_box("full", *base.size), view)
-    row, col = target_cell
-    centre = absolute(((row + 0.5) / R, (col + 0.5) / R, (row + 0.5) / R, (col + 0.5) / R), common.image)
-    marked = with_marker(base, (centre[1], centre[0]), side=40)
+    marked = with_marker_in_cell(base, common.image, target_cell)
     amap, view_again = marker_plane(onevision, base, marked, on_base)
     assert view_again == view
     assert amap.shape == ((8, 8) if on_base else (13, 18) if onevision else (12, 16))
-    assert cell(resample(stage1_map(base, marked), common.in_target, R)) == target_cell
-    assert cell(resample(amap, common.in_plane, R)) == target_cell
+    assert_marker_in_cell(base, marked, amap, common, target_cell)
 
 
 # -- refusals -------------------------------------------------------------------------------------------------------
@@ -435,40 +405,18 @@ def test_the_vlms_own_attention_moves_toward_the_targets(saved, tiny_world, tmp_
     keeps the sign with seed 0 and inverts with seed 1; OneVision keeps it with seed 5, inverts with seeds 1, 2, 3, 4
     and 6 and is undecided with seed 0), so the seeds are fixed here and the test first checks, with the trained
     Aligner run on the same rows, that it kept the sign."""
-    from lavender.eval.attention import AttentionMapsConfig, write_attention_store
-    from lavender.train.config import TrainConfig
-    from lavender.train.trainer import train
     from lavender.world.oracle import write_oracle_store
 
     onevision, model = saved
     oracle = write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path / "oracle", resolution=8)
-    data = str(tiny_world / "train.json")
 
     def maps(out, **kwargs):
-        config = AttentionMapsConfig(model=str(model), data=data, targets=str(oracle), out=str(out), **kwargs)
-        return write_attention_store(config)
+        return attention_maps(model, tiny_world, oracle, out, **kwargs)
 
     raw, final = {}, None
     for lam in (0.0, 100.0):
         out = tmp_path / f"lam{lam:g}"
-        config = TrainConfig(
-            model=str(model),
-            data=str(tiny_world),
-            targets=str(oracle),
-            out=str(out),
-            lam=lam,
-            steps=60,
-            batch_size=4,
-            lr=3e-3,
-            aligner_lr=3e-3,
-            schedule="constant",
-            aggregation="mean-mean",
-            lora_dropout=0.0,
-            max_grad_norm=0.0,
-            report_to="none",
-            seed=SEEDS[onevision],
-        )
-        final = train(config)
+        final = train_toward(model, tiny_world, oracle, out, lam, steps=60, seed=SEEDS[onevision])
         raw[lam] = maps(out / "maps", adapter=str(final))
     raw["before"] = maps(tmp_path / "before")
     read = maps(tmp_path / "read", adapter=str(final), aligner=True)  # the aligned run's Aligner on the same rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from family_testers import attention_maps, embedding_change, marked_images, noise_image, train_toward
 from minicpmv_testers import (
     IMAGE_PAD,
     KINDS,
@@ -12,7 +13,6 @@ from minicpmv_testers import (
     build_tokenizer,
     encode,
     minicpmv_inputs,
-    noise_image,
     prompt,
     tiny_minicpmv,
 )
@@ -42,24 +42,11 @@ def test_image_tokens_land_on_their_cell(kind, height, width, factor):
             layer.self_attn.out_proj.bias.zero_()
     adapter = adapter_for(model)
     gh, gw = height // PATCH, width // PATCH
-    base = noise_image(height, width, seed=2)
-    images = [base]
-    for r in range(gh):
-        for c in range(gw):
-            marked = base.copy()
-            marked.paste((255, 0, 255), (c * PATCH, r * PATCH, (c + 1) * PATCH, (r + 1) * PATCH))
-            images.append(marked)
+    images = marked_images(noise_image(height, width, seed=2), gh, gw, PATCH)
     batch = encode([prompt("what is this ?", "a square .")] * len(images), images, kind)
     assert batch["target_sizes"].tolist() == [[gh, gw]] * len(images)  # not resized
 
-    seen = {}
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
-    )
-    with torch.no_grad():
-        model(**batch)
-    hook.remove()
-    change = (seen["embeds"] - seen["embeds"][:1]).abs().amax(-1)  # (B, S): what each marker moved
+    change = embedding_change(model, batch)  # (B, S): what each marker moved
     image = batch["input_ids"] == adapter.image_token_id
     assert change[~image].max() == 0
     maps = adapter.to_image(change[:, None, None, :], batch)
@@ -355,26 +342,18 @@ def test_the_vlms_own_attention_moves_toward_the_targets(saved, tiny_world, tmp_
     and plain runs would train the VLM alike."""
     from test_attention_moves import _distance
 
-    from lavender.eval.attention import AttentionMapsConfig, write_attention_store
-    from lavender.train.config import TrainConfig
-    from lavender.train.trainer import train
     from lavender.world.oracle import write_oracle_store
 
     model = saved["minicpmv4_6"]
     oracle = write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path / "oracle", resolution=8)
 
     def maps(out, adapter=""):
-        return write_attention_store(AttentionMapsConfig(model=str(model), adapter=adapter,
-                                                         data=str(tiny_world / "train.json"), targets=str(oracle),
-                                                         out=str(out), aggregation="mean-mean"))
+        return attention_maps(model, tiny_world, oracle, out, adapter=adapter)
 
     distance = {"before": _distance(maps(tmp_path / "before"), oracle)}
     for lam in (0.0, 100.0):
         out = tmp_path / f"lam{lam:g}"
-        final = train(TrainConfig(model=str(model), data=str(tiny_world), targets=str(oracle), out=str(out), lam=lam,
-                                  steps=40, batch_size=4, lr=3e-3, aligner_lr=3e-3, schedule="constant",
-                                  aggregation="mean-mean", lora_dropout=0.0, max_grad_norm=0.0, report_to="none",
-                                  seed=2))
+        final = train_toward(model, tiny_world, oracle, out, lam, steps=40, seed=2)
         distance[lam] = _distance(maps(out / "maps", str(final)), oracle)
     assert distance[100.0] < 0.9 * distance["before"], distance
     assert distance[100.0] < 0.9 * distance[0.0], distance

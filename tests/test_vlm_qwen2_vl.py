@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from family_testers import chat, embedding_change, marked_images, noise_image
 from qwen2_vl_testers import (
     IMAGE_PAD,
     MERGE,
     PATCH,
     Qwen2VLImageOnlyProcessor,
     build_processor,
-    chat,
-    noise_image,
     qwen2_vl_inputs,
     save_tiny_qwen2_vl,
     tiny_qwen2_vl,
@@ -34,25 +33,12 @@ def test_merged_tokens_land_on_their_image_cell(height, width, qwen2_5):
     adapter = adapter_for(model)
     processor = build_processor()
     gh, gw = height // PATCH, width // PATCH
-    base = noise_image(height, width, seed=2)
-    images = [base]
-    for r in range(gh):
-        for c in range(gw):
-            marked = base.copy()
-            marked.paste((255, 0, 255), (c * PATCH, r * PATCH, (c + 1) * PATCH, (r + 1) * PATCH))
-            images.append(marked)
+    images = marked_images(noise_image(height, width, seed=2), gh, gw, PATCH)
     text = processor.apply_chat_template(chat("what is this ?", "a square ."), tokenize=False)
     batch = dict(processor(text=[text] * len(images), images=images, padding=True, return_tensors="pt"))
     assert batch["image_grid_thw"].tolist() == [[1, gh, gw]] * len(images)  # not resized
 
-    seen = {}
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
-    )
-    with torch.no_grad():
-        model(**batch)
-    hook.remove()
-    change = (seen["embeds"] - seen["embeds"][:1]).abs().amax(-1)  # (B, S): what each marker moved
+    change = embedding_change(model, batch)  # (B, S): what each marker moved
     image = batch["input_ids"] == adapter.image_token_id
     assert change[~image].max() == 0
     maps = adapter.to_image(change[:, None, None, :], batch)

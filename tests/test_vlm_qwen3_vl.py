@@ -9,9 +9,18 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import test_vlm_adapters as suite
 import torch
-from qwen2_vl_testers import IMAGE_PAD, MERGE, PATCH, build_processor, chat, noise_image, qwen2_vl_inputs
+from family_testers import (
+    adapter_suite,
+    assert_marker_in_cell,
+    attention_maps,
+    chat,
+    marked_images,
+    noise_image,
+    train_toward,
+    with_marker_in_cell,
+)
+from qwen2_vl_testers import IMAGE_PAD, MERGE, PATCH, build_processor, qwen2_vl_inputs
 from qwen3_vl_testers import (
     DEEPSTACK,
     Qwen3VLTester,
@@ -21,51 +30,23 @@ from qwen3_vl_testers import (
     tiny_qwen3_vl,
 )
 
-from lavender.data.frame import ImageView, absolute, common_view, frame_box, resample
+from lavender.data.frame import ImageView, common_view, frame_box
 from lavender.vlm.base import adapter_for, supported_model_types
 from lavender.vlm.qwen3_vl import Qwen3VLAdapter
 
 TESTERS = [Qwen3VLTester(), Qwen3VLTester(moe=True)]
-by_type = pytest.mark.parametrize("tester", TESTERS, ids=lambda t: t.id)
 MODEL_TYPES = [pytest.param(False, id="qwen3_vl"), pytest.param(True, id="qwen3_vl_moe")]
 
 
 # -- the shared adapter suite (tests/test_vlm_adapters.py), run on both model types --------------------------------
-@pytest.mark.parametrize(
-    "tester, attn",
-    [
-        *(pytest.param(t, attn, id=f"{attn}-{t.id}") for t in TESTERS for attn in ("sdpa", "eager")),
-        *(pytest.param(t, suite.USER_KERNEL, id=f"{suite.USER_KERNEL}-{t.id}") for t in TESTERS),
-    ],
-)
-def test_rows_equal_eager_attention_and_logits_stay_exact(tester, attn):
-    suite.test_rows_equal_eager_attention_and_logits_stay_exact(tester, attn)
-
-
-@by_type
-def test_per_sample_rows_equal_the_same_rows_shared(tester):
-    suite.test_per_sample_rows_equal_the_same_rows_shared(tester)
-
-
-@by_type
-def test_bf16_rows_keep_float32_precision(tester):
-    suite.test_bf16_rows_keep_float32_precision(tester)
-
-
-@by_type
-def test_rows_train_q_and_k_also_checkpointed_and_through_lora(tester):
-    suite.test_rows_train_q_and_k_also_checkpointed_and_through_lora(tester)
-
-
-@by_type
-def test_learned_projections_start_equal_and_move_only_the_loss_rows(tester):
-    """`learn` through q_norm/k_norm and the interleaved M-RoPE's cos/sin: its rows start equal to the layer's."""
-    suite.test_learned_projections_start_equal_and_move_only_the_loss_rows(tester)
-
-
-@by_type
-def test_kernels_without_a_readable_mask_are_refused(tester):
-    suite.test_kernels_without_a_readable_mask_are_refused(tester)
+(
+    test_rows_equal_eager_attention_and_logits_stay_exact,
+    test_per_sample_rows_equal_the_same_rows_shared,
+    test_bf16_rows_keep_float32_precision,
+    test_rows_train_q_and_k_also_checkpointed_and_through_lora,
+    test_learned_projections_start_equal_and_move_only_the_loss_rows,  # `learn` through q_norm/k_norm and M-RoPE
+    test_kernels_without_a_readable_mask_are_refused,
+) = adapter_suite(TESTERS)
 
 
 def test_adapter_for_picks_the_family_for_both_model_types():
@@ -136,13 +117,7 @@ def test_merged_tokens_and_deepstack_features_land_on_their_image_cell(height, w
     adapter = adapter_for(model)
     processor = build_processor()
     gh, gw = height // PATCH, width // PATCH
-    base = noise_image(height, width, seed=2)
-    images = [base]
-    for r in range(gh):
-        for c in range(gw):
-            marked = base.copy()
-            marked.paste((255, 0, 255), (c * PATCH, r * PATCH, (c + 1) * PATCH, (r + 1) * PATCH))
-            images.append(marked)
+    images = marked_images(noise_image(height, width, seed=2), gh, gw, PATCH)
     text = processor.apply_chat_template(chat("what is this ?", "a square ."), tokenize=False)
     batch = dict(processor(text=[text] * len(images), images=images, padding=True, return_tensors="pt"))
     assert batch["image_grid_thw"].tolist() == [[1, gh, gw]] * len(images)  # not resized
@@ -188,19 +163,16 @@ def test_a_marker_lands_in_the_same_cell_in_both_stages(target_cell):
     """tests/test_frame.py's cross-stage test on a 640 x 480 photo: the marker sits at the centre of `target_cell`;
     stage 1's map and the VLM's 12 x 16 plane, each cut to the part of the image both describe (all of it) and
     resampled to R x R, put it in `target_cell`."""
-    from test_frame import R, cell, photo, stage1_map, with_marker
+    from test_frame import photo
 
     base = photo()
     _, view = marker_plane(base, base)
     assert view == ImageView()
     common = common_view(frame_box("full", *base.size), view)
-    row, col = target_cell
-    centre = absolute(((row + 0.5) / R, (col + 0.5) / R, (row + 0.5) / R, (col + 0.5) / R), common.image)
-    marked = with_marker(base, (centre[1], centre[0]), side=40)
+    marked = with_marker_in_cell(base, common.image, target_cell)
     amap, _ = marker_plane(base, marked)
     assert amap.shape == (12, 16)
-    assert cell(resample(stage1_map(base, marked), common.in_target, R)) == target_cell
-    assert cell(resample(amap, common.in_plane, R)) == target_cell
+    assert_marker_in_cell(base, marked, amap, common, target_cell)
 
 
 def test_to_image_refuses_anything_but_one_image_per_sample():
@@ -315,26 +287,18 @@ def test_the_vlms_own_attention_moves_toward_the_targets(saved, tiny_world, tmp_
     Plain fine-tuning leaves the correlation between -0.06 and 0.13."""
     from test_attention_moves import _distance
 
-    from lavender.eval.attention import AttentionMapsConfig, write_attention_store
-    from lavender.train.config import TrainConfig
-    from lavender.train.trainer import train
     from lavender.world.oracle import write_oracle_store
 
     moe, model = saved
     oracle = write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path / "oracle", resolution=8)
-    data = str(tiny_world / "train.json")
 
     def maps(out, **kwargs):
-        return write_attention_store(AttentionMapsConfig(model=str(model), data=data, targets=str(oracle),
-                                                         out=str(out), aggregation="mean-mean", **kwargs))
+        return attention_maps(model, tiny_world, oracle, out, **kwargs)
 
     raw, final = {"before": maps(tmp_path / "before")}, None
     for lam in (0.0, 100.0):
         out = tmp_path / f"lam{lam:g}"
-        final = train(TrainConfig(model=str(model), data=str(tiny_world), targets=str(oracle), out=str(out), lam=lam,
-                                  steps=60, batch_size=4, lr=3e-3, aligner_lr=3e-3, schedule="constant",
-                                  aggregation="mean-mean", lora_dropout=0.0, max_grad_norm=0.0, report_to="none",
-                                  seed=SEEDS[moe]))
+        final = train_toward(model, tiny_world, oracle, out, lam, steps=60, seed=SEEDS[moe])
         raw[lam] = maps(out / "maps", adapter=str(final))
     read = maps(tmp_path / "read", adapter=str(final), aligner=True)  # the aligned run's Aligner on the same rows
     assert _correlation(read, raw[100.0]) > 0.3, "the trained Aligner inverts its input: see the docstring"
