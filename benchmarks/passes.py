@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-GRID = [(inv, den, 0.5) for inv in (1, 2, 5) for den in (1, 2, 5, 10)] + [(5, 10, 0.3), (5, 10, 0.7), (2, 2, 0.3)]
+GRID = [(inv, den, 0.5) for inv in (0, 1, 2, 5) for den in (1, 2, 5, 10)] + [(5, 10, 0.3), (5, 10, 0.7), (2, 2, 0.3)]
 PAPER = (5, 10, 0.5)
 
 

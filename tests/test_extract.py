@@ -350,3 +350,21 @@ def test_a_directory_holding_train_json_means_its_train_split(tiny_sd, tiny_worl
     run_extract(_config(tiny_sd, tiny_world, tmp_path / "store", limit=3))
     expected = [s.id for s in read_samples(str(tiny_world / "train.json"))][:3]
     assert sorted(AttentionTargets(tmp_path / "store")) == sorted(expected)
+
+
+def test_zero_inversion_steps_noise_once_per_sample(tiny_sd, tiny_world, tmp_path):
+    """`--inversion-steps 0` replaces DDIM inversion by one draw of q(x_t | x_0), seeded by each image and text: the
+    maps do not depend on the batch a sample lands in, and differ from inverted ones."""
+    from lavender.diffusion.inversion import noise_once
+
+    latents, noise = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    alphas = torch.tensor([0.99, 0.5, 0.01])
+    torch.testing.assert_close(noise_once(latents, alphas, 1, noise), 0.5 ** 0.5 * latents + 0.5 ** 0.5 * noise)
+    data = tiny_world / "train.json"
+    run_extract(_config(tiny_sd, data, tmp_path / "a", inversion_steps=0, limit=4))
+    run_extract(_config(tiny_sd, data, tmp_path / "b", inversion_steps=0, limit=4, batch_size=1))
+    run_extract(_config(tiny_sd, data, tmp_path / "c", limit=4))
+    once, again, inverted = (AttentionTargets(tmp_path / k) for k in "abc")
+    assert len(once) == 4
+    _assert_same_store(once, again)
+    assert any(not np.allclose(once[s][w], inverted[s][w], atol=1e-3) for s in once for w in once[s])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from lavender.data.targets import (
     write_store_info,
 )
 from lavender.diffusion.capture import AttentionRecorder, capture_cross_attention
-from lavender.diffusion.inversion import denoise, invert
+from lavender.diffusion.inversion import denoise, invert, noise_once
 from lavender.diffusion.teachers.base import (
     TeacherAdapter,
     TextBatch,
@@ -63,7 +64,9 @@ class ExtractConfig:
     data: str = field(default="", metadata={"help": "LLaVA JSON, HF dataset dir, or image folder with captions"})
     out: str = field(default="", metadata={"help": "targets store directory"})
     text: str = field(default="caption", metadata={"help": "text to condition on: caption|question|question+answer"})
-    inversion_steps: int = field(default=5, metadata={"help": "DDIM inversion steps"})
+    inversion_steps: int = field(default=5, metadata={
+        "help": "DDIM inversion steps (0: noise the latents to --strength in one draw instead, seeded by each "
+                "image and text, so a rerun gives the same maps)"})
     denoise_steps: int = field(default=10, metadata={"help": "DDIM denoising steps, recorded"})
     strength: float = field(default=0.5, metadata={"help": "noise level reached by inversion, share of T"})
     guidance_scale: float = field(default=1.0, metadata={"help": "classifier-free guidance while denoising"})
@@ -100,8 +103,9 @@ class ExtractConfig:
             raise ValueError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if not 0 < self.strength <= 1:
             raise ValueError("--strength must be in (0, 1]")
-        if min(self.inversion_steps, self.denoise_steps, self.resolution, self.batch_size) < 1:
-            raise ValueError("steps, resolution and batch size must be positive")
+        if min(self.denoise_steps, self.resolution, self.batch_size) < 1 or self.inversion_steps < 0:
+            raise ValueError("denoise steps, resolution and batch size must be positive, inversion steps not "
+                             "negative")
 
 
 def sidecar(diffusion: str) -> dict[str, Any]:
@@ -213,8 +217,11 @@ class Extractor:
 
         self.recorder.reset(tuple(latents.shape[-2:]))
         with capture_cross_attention(teacher.unet, self.recorder, teacher.recorded_layers()):
-            noisy = invert(latents.float(), lambda z, t: conditional(z.to(self.dtype), t).float(), self.alphas,
-                           self.t_end, self.cfg.inversion_steps, self.prediction_type)
+            if self.cfg.inversion_steps:
+                noisy = invert(latents.float(), lambda z, t: conditional(z.to(self.dtype), t).float(), self.alphas,
+                               self.t_end, self.cfg.inversion_steps, self.prediction_type)
+            else:
+                noisy = noise_once(latents.float(), self.alphas, self.t_end, sample_noise(images, texts, latents))
             self.recorder.active = True
             try:
                 denoise(noisy, lambda z, t: guided(z.to(self.dtype), t).float(), self.alphas, self.t_end,
@@ -223,6 +230,15 @@ class Extractor:
                 self.recorder.active, self.recorder.rows = False, slice(None)
         token_maps = self.recorder.mean()  # (B, L, R, R)
         return [word_maps(texts[i], text.offsets[i], token_maps[i]) for i in range(b)]
+
+
+def sample_noise(images: list[Image.Image], texts: list[str], latents: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise of `latents`' shape (B, C, h, w), each sample's drawn from a generator seeded by its
+    image's pixels and its text, so it does not depend on the batch or the process the sample lands in."""
+    shape = tuple(latents.shape[1:])
+    draws = [torch.randn(shape, generator=torch.Generator().manual_seed(
+        zlib.crc32(image.tobytes(), zlib.crc32(text.encode())))) for image, text in zip(images, texts)]
+    return torch.stack(draws).to(latents.device)
 
 
 def _settings(cfg: ExtractConfig, mask_padding: bool, image_size: int) -> dict[str, Any]:

@@ -81,6 +81,14 @@ def invert(latents: torch.Tensor, predict: NoisePredictor, alphas: torch.Tensor,
     return x
 
 
+def noise_once(latents: torch.Tensor, alphas: torch.Tensor, t_end: int, noise: torch.Tensor) -> torch.Tensor:
+    """The forward process in one draw, q(x_t | x_0) at t = `t_end`: sqrt(abar) x_0 + sqrt(1 - abar) noise, for
+    latents and noise (B, C, h, w). What stage 1 runs in place of DDIM inversion with `--inversion-steps 0` (one
+    noise draw, no UNet pass, as in single-level extraction such as DiffSeg's)."""
+    abar = alphas[t_end].to(latents)
+    return abar.sqrt() * latents + (1 - abar).sqrt() * noise.to(latents)
+
+
 @torch.no_grad()
 def denoise(latents: torch.Tensor, predict: NoisePredictor, alphas: torch.Tensor, t_end: int,
             steps: int, prediction_type: str = "epsilon") -> torch.Tensor:
