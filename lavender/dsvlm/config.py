@@ -26,6 +26,13 @@ IMAGE_ESTIMATES = ("x0", "sampled")
 PERCEPTUAL = ("vae", "lpips")  # or "hf:<hub name or directory>" of a transformers vision model
 
 
+def dsvlm_path(directory: str | Path) -> Path:
+    """Where DS-VLM's modules are in `directory`: its `dsvlm/` if it is a training output (`<out>/final`), else
+    `directory` itself."""
+    path = Path(directory)
+    return path / DSVLM_DIR if (path / DSVLM_DIR).is_dir() else path
+
+
 @dataclass
 class DSVLMConfig:
     diffusion: str = field(default="CompVis/stable-diffusion-v1-4", metadata={

@@ -33,6 +33,7 @@ from lavender.dsvlm.features import Feature
 from lavender.dsvlm.losses import PerceptualLoss, mae_loss, noise_loss, ssim_loss
 
 TERMS = ("noise", "mae", "ssim", "perceptual")
+TRAINED = ("adapters.", "branches.")  # the submodules training changes; the UNet and the VAE stay as loaded
 
 
 def load_diffusion(name: str):
@@ -85,10 +86,15 @@ class MultiAdapterDiffusion(nn.Module):
         self.timesteps = (cfg.min_timestep, min(t_max, len(self.alphas) - 1))
 
     # -- state --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def trainable_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapters' and branches' entries of a state dict of this module (its own, or one gathered from a
+        sharded run), the only weights training changes, on the CPU."""
+        return {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(TRAINED)}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapters' and branches' weights, the only ones training changes."""
-        state = self.state_dict()
-        return {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(("adapters.", "branches."))}
+        """The adapters' and branches' weights (`trainable_part` of the module's state dict)."""
+        return self.trainable_part(self.state_dict())
 
     def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """`dsvlm_config.json` and `model.safetensors` (the trainable weights, or `state` if given) in `directory`."""
@@ -128,9 +134,10 @@ class MultiAdapterDiffusion(nn.Module):
     # -- the diffusion process ------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, R, R) in [-1, 1] -> latents z0 (B, C, R/f, R/f): the VAE posterior's mean, scaled."""
+        from lavender.diffusion.teachers.base import encode_latents
+
         with torch.no_grad():
-            posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
-        return ((posterior - self.shift) * self.scaling).float()
+            return encode_latents(self.vae, images).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images (B, 3, R, R), with gradients to the latents (the VAE's weights stay frozen)."""

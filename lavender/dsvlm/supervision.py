@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lavender.dsvlm.config import DSVLM_DIR, DSVLMConfig
+from lavender.dsvlm.config import DSVLMConfig, dsvlm_path
 from lavender.dsvlm.diffusion import MultiAdapterDiffusion, load_diffusion
 from lavender.dsvlm.features import FeatureTaps, check_supported, default_vision_layers
 from lavender.vlm.base import adapter_for
@@ -58,8 +58,7 @@ def build_supervision(vlm: nn.Module, cfg: DSVLMConfig) -> DiffusionSupervision:
 def load_supervision(vlm: nn.Module, directory: str | Path) -> DiffusionSupervision:
     """DS-VLM's trained diffusion side for `vlm`, from a training output's `dsvlm/` (or `<out>/final`): its saved
     `DSVLMConfig` and weights. Raises FileNotFoundError without one, ValueError if it does not fit `vlm`."""
-    path = Path(directory)
-    path = path / DSVLM_DIR if (path / DSVLM_DIR).is_dir() else path
+    path = dsvlm_path(directory)
     supervision = build_supervision(vlm, DSVLMConfig.from_pretrained(path))
     supervision.diffusion.load_trainable(path)
     return supervision

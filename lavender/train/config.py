@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -165,11 +166,12 @@ class TrainConfig:
         if not self.train_language and self.lora:
             raise ValueError("--no-train-language leaves LoRA nothing to adapt: add --no-lora (and --train-projector "
                              "or --train-vision for what should train)")
-        if self.method != "dsvlm":
+        if self.method != "dsvlm":  # the DS-VLM options given, each against its own field's default
             given = [f"--dsvlm-{k.replace('_', '-')}" for k, v in self.dsvlm.__dict__.items()
                      if v != getattr(DSVLMConfig(), k)]
-            given += [flag for flag, v, d in (("--dsvlm-init", self.dsvlm_init, ""), ("--mu", self.mu, 1.0),
-                                              ("--dsvlm-lr", self.dsvlm_lr, 1e-4)) if v != d]
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            given += [f"--{k.replace('_', '-')}" for k in ("dsvlm_init", "mu", "dsvlm_lr")
+                      if getattr(self, k) != defaults[k]]
             if given:
                 raise ValueError(f"{', '.join(given)} set DS-VLM options, which only --method dsvlm reads: add "
                                  "--method dsvlm, or leave them out")

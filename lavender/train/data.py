@@ -87,7 +87,7 @@ def plane_image(image, view: ImageView, size: int) -> torch.Tensor:
     """What a VLM's image plane shows, as an image: the part of `image` (PIL, RGB) in `view.image`, resized into
     `view.plane` of a `size` x `size` canvas whose rest (the plane's padding) is 0, mid-grey: (3, size, size) in
     [-1, 1]. DS-VLM reconstructs this, so the image and the vision features share one geometry."""
-    from PIL import Image
+    from lavender.diffusion.teachers.base import preprocess
 
     width, height = image.size
     top, left, bottom, right = view.image
@@ -96,8 +96,7 @@ def plane_image(image, view: ImageView, size: int) -> torch.Tensor:
     p_top, p_left, p_bottom, p_right = (round(v * size) for v in view.plane)
     canvas = torch.zeros(3, size, size)
     w, h = max(p_right - p_left, 1), max(p_bottom - p_top, 1)
-    pixels = np.asarray(crop.resize((w, h), Image.BICUBIC), np.float32) / 127.5 - 1.0
-    canvas[:, p_top:p_top + h, p_left:p_left + w] = torch.from_numpy(pixels).permute(2, 0, 1)
+    canvas[:, p_top:p_top + h, p_left:p_left + w] = preprocess(crop, (w, h))
     return canvas
 
 
@@ -429,13 +428,11 @@ class StageTwoDataset(Dataset):
             events[event] += 1
             return Encoded({}, sample.id, events=events)
         inputs["labels"] = labels[None]
-        pixels = None
-        if self.plane_size:
-            shown = self.view(self.processor, image.size, inputs) if self.view is not None else ImageView()
-            pixels = plane_image(image, shown, self.plane_size)
+        plane = self.plane_view(image.size, inputs) if self.plane_size or self.targets is not None else None
+        pixels = plane_image(image, plane, self.plane_size) if self.plane_size else None
         if self.targets is None:
             return Encoded(inputs, sample.id, [], events, pixels=pixels)
-        view = self.common_view(sample, image.size, inputs, events)
+        view = self.common_view(sample, image.size, plane, events)
         words = self._align(sample, text, spans, offsets, real, events, view) if view is not None else []
         return Encoded(inputs, sample.id, words, events, view, pixels)
 
@@ -452,12 +449,16 @@ class StageTwoDataset(Dataset):
                 self._replacements = False
         return dict(self.processor(**kwargs))
 
-    def common_view(self, sample: Sample, image_size: tuple[int, int], inputs: dict,
+    def plane_view(self, image_size: tuple[int, int], inputs: dict) -> ImageView:
+        """Where the VLM shows a `image_size` image on its plane (the family's `image_view`; without one, the whole
+        image on the whole plane)."""
+        return self.view(self.processor, image_size, inputs) if self.view is not None else ImageView()
+
+    def common_view(self, sample: Sample, image_size: tuple[int, int], plane: ImageView,
                     events: Counter) -> CommonView | None:
-        """The part of the image that the sample's targets and the VLM's plane both describe; None (counted) if
+        """The part of the image that the sample's targets and the VLM's `plane` both describe; None (counted) if
         they share nothing."""
         target_frame = frame_box(self.targets.frame, *image_size)
-        plane = self.view(self.processor, image_size, inputs) if self.view is not None else ImageView()
         common = common_view(target_frame, plane)
         if common is None:
             log.warning("sample %s: its targets cover no part of the image the VLM sees", sample.id)

@@ -438,8 +438,7 @@ def save_final(objective: LavenderObjective, processor, out: Path, cfg: TrainCon
         save_file({k: v.contiguous() for k, v in aligner_state.items()}, str(tmp / ALIGNER_DIR / WEIGHTS_NAME))
     if objective.reconstruction is not None:  # beside the VLM, never in it: the saved VLM has no extra parameter
         diffusion = objective.reconstruction.diffusion
-        part = None if state is None else {k: v.contiguous() for k, v in _part(
-            state, "reconstruction.diffusion.").items() if k.startswith(("adapters.", "branches."))}
+        part = None if state is None else diffusion.trainable_part(_part(state, "reconstruction.diffusion."))
         diffusion.save_pretrained(tmp / DSVLM_DIR, part)
     settings = cfg.__dict__ | {"mixed_precision": cfg.precision}
     (tmp / "lavender_train.json").write_text(json.dumps(settings, indent=2, default=_jsonable) + "\n")
@@ -814,14 +813,13 @@ def build_reconstruction(model: nn.Module, cfg: TrainConfig):
     """DS-VLM's term for `model` (after `select_parameters`, so that it reads the modules that run), started from
     `--dsvlm-init` if given. Raises ValueError if that output holds no DS-VLM modules or was made with other
     settings of the fields in SHAPING."""
-    from lavender.dsvlm.config import DSVLMConfig
+    from lavender.dsvlm.config import CONFIG_NAME, DSVLMConfig, dsvlm_path
     from lavender.dsvlm.supervision import build_supervision
 
     supervision = build_supervision(model, cfg.dsvlm)
     if cfg.dsvlm_init:
-        path = Path(cfg.dsvlm_init)
-        path = path / DSVLM_DIR if (path / DSVLM_DIR).is_dir() else path
-        if not (path / "dsvlm_config.json").exists():
+        path = dsvlm_path(cfg.dsvlm_init)
+        if not (path / CONFIG_NAME).exists():
             raise ValueError(f"--dsvlm-init {cfg.dsvlm_init}: no DS-VLM modules there (a `lavender train --method "
                              f"dsvlm` output has them in final/{DSVLM_DIR}/)")
         saved = DSVLMConfig.from_pretrained(path)

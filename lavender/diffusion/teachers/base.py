@@ -98,6 +98,16 @@ def preprocess(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
+def encode_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels (B, 3, H, W) in [-1, 1] -> latents (B, C, H / f, W / f): the VAE posterior's mean, shifted and scaled
+    as the VAE's config says, in the VAE's dtype."""
+    config = vae.config
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+    if config.get("shift_factor") is not None:
+        latents = latents - config.shift_factor
+    return latents * config.scaling_factor
+
+
 _LEVEL = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
 
 
@@ -184,11 +194,7 @@ class TeacherAdapter(ABC):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [-1, 1] -> latents (B, C, H / vae_scale, W / vae_scale) in the denoiser's dtype:
         the VAE posterior's mean, shifted and scaled as the VAE's config says."""
-        config = self.vae.config
-        latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mean
-        if config.get("shift_factor") is not None:
-            latents = latents - config.shift_factor
-        return (latents * config.scaling_factor).to(self.dtype)
+        return encode_latents(self.vae, pixels.to(self.device)).to(self.dtype)
 
     # -- text and noise -----------------------------------------------------------------------------------------
     @abstractmethod
