@@ -59,19 +59,19 @@ def stage1(extractor: Extractor, images, texts) -> None:
 def baseline(extractor: Extractor, images, texts) -> None:
     """The same VAE and UNet passes as stage 1, through the same teacher adapter, nothing recorded."""
     from lavender.diffusion.extract import preprocess
-    from lavender.diffusion.inversion import denoise, invert
+    from lavender.diffusion.inversion import walk
 
     teacher, cfg = extractor.teacher, extractor.cfg
     size = extractor.input_size(images[0])
     latents = teacher.encode_image(torch.stack([preprocess(im, size) for im in images])).float()
     text = extractor.encode_text(texts)
+    hw = tuple(latents.shape[-2:])
 
     def predict(z, t):
         return teacher.predict(z.to(extractor.dtype), t, text).float()
 
-    noisy = invert(latents, predict, extractor.alphas, extractor.t_end, cfg.inversion_steps,
-                   extractor.prediction_type)
-    denoise(noisy, predict, extractor.alphas, extractor.t_end, cfg.denoise_steps, extractor.prediction_type)
+    noisy = walk(latents, predict, teacher.noise_levels(cfg.strength, cfg.inversion_steps, hw), teacher.step)
+    walk(noisy, predict, teacher.noise_levels(cfg.strength, cfg.denoise_steps, hw)[::-1], teacher.step)
 
 
 VARIANTS = {"stage1": stage1, "baseline": baseline}

@@ -309,23 +309,22 @@ def test_extractor_steps_as_the_teacher_predicts(prediction_type, tmp_path, monk
     assert pipe.scheduler.config.prediction_type == prediction_type
     extractor = Extractor(cfg, pipe, mask_padding=False)
     seen: dict[str, torch.Tensor] = {}
-    invert_, denoise_, forward = extract.invert, extract.denoise, pipe.unet.forward
+    walk_, forward = extract.walk, pipe.unet.forward
 
-    def spy_invert(latents, *args, **kwargs):
-        seen["x0"] = latents
-        return invert_(latents, *args, **kwargs)
-
-    def spy_denoise(*args, **kwargs):
-        seen["back"] = denoise_(*args, **kwargs)
-        return seen["back"]
+    def spy_walk(latents, predict, levels, step):  # inversion first (levels rise), then denoising
+        key = "x0" if levels[0] < levels[-1] else "noisy"
+        seen[key] = latents
+        out = walk_(latents, predict, levels, step)
+        if key == "noisy":
+            seen["back"] = out
+        return out
 
     def exact_unet(sample, timestep, **kwargs):
         forward(sample, timestep, **kwargs)  # the real layers run, so cross-attention is recorded
         model = _exact_model(seen["x0"], pipe.scheduler.alphas_cumprod, prediction_type)
         return UNet2DConditionOutput(sample=model(sample.float(), int(timestep)).to(sample.dtype))
 
-    monkeypatch.setattr(extract, "invert", spy_invert)
-    monkeypatch.setattr(extract, "denoise", spy_denoise)
+    monkeypatch.setattr(extract, "walk", spy_walk)
     monkeypatch.setattr(pipe.unet, "forward", exact_unet)
     maps = extractor([Image.new("RGB", (32, 32), (200, 30, 30))], ["a red square"])[0]
     assert set(maps) == {"a", "red", "square"}

@@ -1,13 +1,13 @@
 """Stage 1: per-word cross-attention targets from a text-to-image diffusion model over real images.
 
-Everything specific to a family of models (text and image encoding, the denoiser's call and what it predicts,
-which layers are recorded) is in its teacher adapter (`lavender.diffusion.teachers`); this module only uses the
-adapter. For each batch: VAE-encode the whole images (each at its own aspect ratio, so a map always
-covers the whole image: the store's frame is "full"), DDIM-invert the latents a few steps with the
-text as condition, denoise them back while the cross-attention layers report their
-softmax probabilities, average those over heads, layers and steps at the target
-resolution, sum the tokens of each word and min-max normalise each word's map. The store keeps each map's
-minimum and maximum before that normalisation, from which the word's attention distribution over the cells is
+Everything specific to a family of models (text and image encoding, the denoiser's call and what it predicts, which
+layers are recorded) is in its teacher adapter (`lavender.diffusion.teachers`); this module only uses the adapter.
+For each batch: VAE-encode the whole images (each at its own aspect ratio, so a map always covers the whole image:
+the store's frame is "full"), invert the latents a few steps with the text as condition (DDIM steps, or Euler steps
+of the flow for flow-matching teachers), denoise them back while the text-attention layers (cross-attention, or the
+text block of MMDiT joint attention) report their softmax probabilities, average those over heads, layers and steps
+at the target resolution, sum the tokens of each word and min-max normalise each word's map. The store keeps each
+map's minimum and maximum before that normalisation, from which the word's attention distribution over the cells is
 recovered (`AttentionTargets.distributions`).
 """
 
@@ -35,8 +35,8 @@ from lavender.data.targets import (
     write_index,
     write_store_info,
 )
-from lavender.diffusion.capture import AttentionRecorder, capture_cross_attention
-from lavender.diffusion.inversion import denoise, invert, noise_once
+from lavender.diffusion.capture import AttentionRecorder
+from lavender.diffusion.inversion import walk
 from lavender.diffusion.teachers.base import (
     TeacherAdapter,
     TextBatch,
@@ -59,16 +59,18 @@ RESULT_SETTINGS = ("diffusion", "text", "inversion_steps", "denoise_steps", "str
 
 @dataclass
 class ExtractConfig:
-    diffusion: str = field(default="CompVis/stable-diffusion-v1-4",
-                           metadata={"help": "diffusers pipeline hub name or directory (SD v1.x/2.x, SDXL)"})
+    diffusion: str = field(default="CompVis/stable-diffusion-v1-4", metadata={
+        "help": "diffusers pipeline hub name or directory (SD v1.x/2.x, SDXL, PixArt, SD3, Flux)"})
     data: str = field(default="", metadata={"help": "LLaVA JSON, HF dataset dir, or image folder with captions"})
     out: str = field(default="", metadata={"help": "targets store directory"})
     text: str = field(default="caption", metadata={"help": "text to condition on: caption|question|question+answer"})
     inversion_steps: int = field(default=5, metadata={
-        "help": "DDIM inversion steps (0: noise the latents to --strength in one draw instead, seeded by each "
-                "image and text, so a rerun gives the same maps)"})
-    denoise_steps: int = field(default=10, metadata={"help": "DDIM denoising steps, recorded"})
-    strength: float = field(default=0.5, metadata={"help": "noise level reached by inversion, share of T"})
+        "help": "inversion steps: DDIM, or Euler steps of the flow for SD3/Flux (0: noise the latents to --strength "
+                "in one draw instead, seeded by each image and text, so a rerun gives the same maps)"})
+    denoise_steps: int = field(default=10, metadata={"help": "denoising steps, recorded"})
+    strength: float = field(default=0.5, metadata={
+        "help": "noise level reached by inversion, as a share of the training schedule (flow matching: of the "
+                "scheduler's unshifted grid)"})
     guidance_scale: float = field(default=1.0, metadata={"help": "classifier-free guidance while denoising"})
     resolution: int = field(default=32, metadata={"help": "side of the stored maps"})
     image_size: int = field(default=0, metadata={
@@ -168,9 +170,6 @@ class Extractor:
         self.cfg, self.pipe, self.mask_padding = cfg, self.teacher.pipe, mask_padding
         self.device, self.dtype = self.teacher.device, self.teacher.dtype
         self.image_size = cfg.image_size or self.teacher.native_size
-        self.alphas = self.teacher.alphas.to(self.device, torch.float32)
-        self.prediction_type = self.teacher.prediction_type
-        self.t_end = round(cfg.strength * (len(self.alphas) - 1))
         self.recorder = AttentionRecorder(cfg.resolution, cfg.attn_resolutions,
                                           self.image_size // self.teacher.vae_scale)
         self.max_length = self.teacher.max_length
@@ -215,17 +214,20 @@ class Extractor:
                 uncond, cond = teacher.predict(torch.cat([z, z]), t, both).chunk(2)
                 return uncond + self.cfg.guidance_scale * (cond - uncond)
 
-        self.recorder.reset(tuple(latents.shape[-2:]))
-        with capture_cross_attention(teacher.unet, self.recorder, teacher.recorded_layers()):
+        latent_hw = tuple(latents.shape[-2:])
+        levels = {steps: teacher.noise_levels(self.cfg.strength, steps, latent_hw)
+                  for steps in (max(self.cfg.inversion_steps, 1), self.cfg.denoise_steps)}
+        self.recorder.reset(latent_hw)
+        with teacher.capture(self.recorder):
             if self.cfg.inversion_steps:
-                noisy = invert(latents.float(), lambda z, t: conditional(z.to(self.dtype), t).float(), self.alphas,
-                               self.t_end, self.cfg.inversion_steps, self.prediction_type)
+                noisy = walk(latents.float(), lambda z, s: conditional(z.to(self.dtype), s).float(),
+                             levels[self.cfg.inversion_steps], teacher.step)
             else:
-                noisy = noise_once(latents.float(), self.alphas, self.t_end, sample_noise(images, texts, latents))
+                noisy = teacher.add_noise(latents.float(), sample_noise(images, texts, latents), levels[1][-1])
             self.recorder.active = True
             try:
-                denoise(noisy, lambda z, t: guided(z.to(self.dtype), t).float(), self.alphas, self.t_end,
-                        self.cfg.denoise_steps, self.prediction_type)
+                walk(noisy, lambda z, s: guided(z.to(self.dtype), s).float(), levels[self.cfg.denoise_steps][::-1],
+                     teacher.step)
             finally:
                 self.recorder.active, self.recorder.rows = False, slice(None)
         token_maps = self.recorder.mean()  # (B, L, R, R)
@@ -370,8 +372,9 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
     if cfg.limit:
         samples = samples[: cfg.limit]
     device = torch.device(cfg.device) if cfg.device else (state.device if state else torch.device("cpu"))
-    mask_padding = {"yes": True, "no": False}.get(cfg.mask_padding, sidecar(cfg.diffusion).get("mask_padding", False))
     teacher = load_teacher(cfg.diffusion, device, _model_dtype(cfg))
+    mask_padding = {"yes": True, "no": False}.get(cfg.mask_padding,
+                                                  sidecar(cfg.diffusion).get("mask_padding", teacher.masks_padding))
     extractor = Extractor(cfg, teacher, mask_padding)
     settings = _settings(cfg, mask_padding, extractor.image_size)
     if is_main:

@@ -1,6 +1,10 @@
-"""Deterministic DDIM steps in both directions: invert a real image's latents, then denoise back.
+"""Deterministic steps in both directions: invert a real image's latents, then denoise back.
 
-The same update serves both ways: read the clean latents x0 and the noise eps off the model's output at
+Two noise paths are served. DDIM, for models trained on a discrete variance-preserving schedule (Stable Diffusion
+v1.x/2.x, SDXL, PixArt), and flow matching, for models trained on the straight path x_s = (1 - s) x0 + s noise
+(SD3, Flux). Both walk a grid of noise levels with the same loop (`walk`); only the update differs.
+
+DDIM: the same update serves both ways: read the clean latents x0 and the noise eps off the model's output at
 timestep t, then re-noise x0 with eps to timestep t'. Inversion walks t up from 0, denoising walks it back
 down. The model's output is whatever its scheduler says it predicts (`scheduler.config.prediction_type`):
 the noise ("epsilon", SD v1.x), the velocity v = sqrt(a) eps - sqrt(1 - a) x0 ("v_prediction", SD 2.x at
@@ -16,11 +20,12 @@ with eta = 0 (tests check both against diffusers on a grid both can express).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 NoisePredictor = Callable[[torch.Tensor, int], torch.Tensor]
+Step = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -74,11 +79,7 @@ def invert(latents: torch.Tensor, predict: NoisePredictor, alphas: torch.Tensor,
     the scheduler's cumulative alphas. Raises ValueError for an unsupported `prediction_type`.
     """
     check_prediction_type(prediction_type)
-    grid = timestep_grid(t_end, steps)
-    x = latents
-    for t, t_next in itertools.pairwise(grid):
-        x = ddim_step(x, predict(x, t), alphas[t], alphas[t_next], prediction_type)
-    return x
+    return walk(latents, predict, timestep_grid(t_end, steps), _ddim(alphas, prediction_type))
 
 
 def noise_once(latents: torch.Tensor, alphas: torch.Tensor, t_end: int, noise: torch.Tensor) -> torch.Tensor:
@@ -97,8 +98,37 @@ def denoise(latents: torch.Tensor, predict: NoisePredictor, alphas: torch.Tensor
     Arguments and errors as for `invert`.
     """
     check_prediction_type(prediction_type)
-    grid = timestep_grid(t_end, steps)[::-1]
+    return walk(latents, predict, timestep_grid(t_end, steps)[::-1], _ddim(alphas, prediction_type))
+
+
+def _ddim(alphas: torch.Tensor, prediction_type: str) -> Step:
+    return lambda x, output, t, t_next: ddim_step(x, output, alphas[t], alphas[t_next], prediction_type)
+
+
+def walk(latents: torch.Tensor, predict: Callable[[torch.Tensor, float], torch.Tensor], levels: Sequence[float],
+         step: Step) -> torch.Tensor:
+    """Move latents (B, C, h, w) from `levels[0]` through each following noise level with `step(x, output, level,
+    next_level)`, where output is `predict(x, level)`: inversion when the levels rise, denoising when they fall."""
     x = latents
-    for t, t_next in itertools.pairwise(grid):
-        x = ddim_step(x, predict(x, t), alphas[t], alphas[t_next], prediction_type)
+    for level, following in itertools.pairwise(levels):
+        x = step(x, predict(x, level), level, following)
     return x
+
+
+# -- flow matching ----------------------------------------------------------------------------------------------------
+# A flow-matching model (SD3, Flux) is trained on x_s = (1 - s) x0 + s noise for s in [0, 1] and predicts the
+# velocity v = noise - x0 along that straight path. Inversion and denoising integrate dx/ds = v with Euler steps,
+# the update of diffusers' `FlowMatchEulerDiscreteScheduler.step`, written out here because that scheduler only
+# steps down its own decreasing grid while inversion climbs it.
+
+
+def flow_step(x: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """One Euler step of the flow from noise level `sigma` to `sigma_next` (up or down): x + (sigma_next - sigma) v,
+    for latents and the model's velocity (B, C, h, w)."""
+    return x + (sigma_next - sigma) * velocity
+
+
+def flow_noise(latents: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The path's point at noise level `sigma` in one draw, (1 - sigma) x0 + sigma noise (what `--inversion-steps 0`
+    runs for a flow-matching teacher), for latents and noise (B, C, h, w)."""
+    return (1 - sigma) * latents + sigma * noise.to(latents)

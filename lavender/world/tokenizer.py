@@ -72,3 +72,24 @@ def save_clip_tokenizer(words: list[str], out_dir: str | Path, model_max_length:
     )
     tok.save_pretrained(out)
     return CLIPTokenizer.from_pretrained(out)
+
+
+def save_t5_tokenizer(words: list[str], out_dir: str | Path, model_max_length: int = 512):
+    """A T5 tokenizer (SentencePiece unigram, "▁" marking a word start) whose vocabulary holds `words` whole, plus
+    every lower-case letter and digit alone and as a word start, so that any other word splits into pieces.
+
+    Built with the `tokenizers` library through `T5Tokenizer(vocab=...)`, as no SentencePiece model can be
+    downloaded here; it tokenizes, pads and reports character offsets the way the released T5 tokenizers do.
+    Saved to `out_dir`; returns the loaded tokenizer.
+    """
+    from transformers import T5Tokenizer
+
+    pieces = [f"\u2581{w}" for w in dict.fromkeys(words)]
+    singles = [c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(p, -1.0) for p in pieces]  # whole words score best
+    vocab += [(f"\u2581{c}", -3.0) for c in singles] + [(c, -3.0) for c in singles]
+    vocab += [(c, -4.0) for c in ".,;:!?'\"()-"]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    tokenizer.save_pretrained(out_dir)
+    return T5Tokenizer.from_pretrained(out_dir)

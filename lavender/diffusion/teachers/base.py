@@ -7,8 +7,9 @@ to record, on what query grid. Inversion, capture, aggregation, words and the st
 (`lavender.diffusion.extract`).
 
 The defaults here serve the UNet families (an `AutoencoderKL`, a `UNet2DConditionModel` with cross-attention,
-a scheduler with `alphas_cumprod`); a family only has to say how it encodes text and calls its UNet. A family
-with another denoiser (a diffusion transformer) overrides the rest.
+a scheduler with `alphas_cumprod`, DDIM steps); a family only has to say how it encodes text and calls its UNet.
+A family with another denoiser (a diffusion transformer) or another noise path (flow matching) overrides the
+parts that differ: `transformer.py` holds what the diffusion-transformer families share.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,17 +26,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lavender.diffusion.capture import cross_attention_layers
-from lavender.diffusion.inversion import check_prediction_type
+from lavender.diffusion.capture import AttentionRecorder, capture_cross_attention, cross_attention_layers
+from lavender.diffusion.inversion import check_prediction_type, ddim_step, noise_once, timestep_grid
+from lavender.diffusion.words import words_to_tokens
 from lavender.utils.registry import register
 
 _TEACHERS: dict[str, type[TeacherAdapter]] = {}
 # pipeline classes of families stage 1 does not serve yet, with what they lack here
 NOT_YET = {
-    "PixArtAlphaPipeline": "PixArt-alpha (a diffusion transformer with T5 text)",
-    "PixArtSigmaPipeline": "PixArt-sigma (a diffusion transformer with T5 text)",
-    "StableDiffusion3Pipeline": "Stable Diffusion 3 (joint text-image attention, flow matching)",
-    "FluxPipeline": "Flux (joint text-image attention, flow matching)",
+    "StableDiffusionXLImg2ImgPipeline": "the SDXL refiner (one text encoder, an aesthetic score in its time ids)",
+    "Flux2Pipeline": "Flux 2 (another text encoder and transformer layout than Flux 1's)",
 }
 
 
@@ -69,6 +71,25 @@ def _cat(a: Any, b: Any) -> Any:
     if a is None or b is None:
         raise ValueError("cannot stack text conditioning that is present in one batch and absent in the other")
     return torch.cat([a, b])
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int):
+    """`texts` padded and truncated to `max_length` tokens, with character offsets, as tensors (the pipelines' own
+    tokenization, plus the offsets)."""
+    return tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                     return_offsets_mapping=True, return_tensors="pt")
+
+
+def check_same_split(texts: list[str], first, second, family: str) -> None:
+    """Raise ValueError unless two tokenizations of `texts` (tokenizer outputs with offsets) give each word the
+    same token positions and pad the same positions: a family that concatenates two encoders' hidden states
+    position by position (SDXL, SD3's two CLIPs) would otherwise mix different tokens at one position."""
+    for text, a, b in zip(texts, first.offset_mapping.tolist(), second.offset_mapping.tolist()):
+        if words_to_tokens(text, a) != words_to_tokens(text, b):
+            raise ValueError(f"{family}'s two tokenizers split {text!r} differently; the concatenated hidden states "
+                             "would mix different tokens")
+    if not torch.equal(first.attention_mask, second.attention_mask):
+        raise ValueError(f"{family}'s two tokenizers pad the texts differently")
 
 
 def input_size(width: int, height: int, size: int, multiple: int, keep_aspect: bool = True) -> tuple[int, int]:
@@ -123,18 +144,25 @@ class TeacherAdapter(ABC):
     family: ClassVar[str]
     pipeline_classes: ClassVar[tuple[str, ...]]
     load_kwargs: ClassVar[dict[str, Any]] = {}  # extra `from_pretrained` arguments of the family's pipeline
+    # whether the family's pipeline hides padding tokens from its text encoder and denoiser (what
+    # `lavender extract --mask-padding auto` follows when the pipeline directory does not say)
+    masks_padding: ClassVar[bool] = False
 
     def __init__(self, pipe):
         self.pipe = pipe
         if not self.tokenizer.is_fast:
             raise ValueError("stage 1 needs a fast tokenizer (character offsets) for word matching")
-        check_prediction_type(self.prediction_type)
+        self.check_noise_path()
 
     # -- components -----------------------------------------------------------------------------------------------
     @property
-    def unet(self) -> torch.nn.Module:
-        """The denoiser whose attention is recorded."""
+    def denoiser(self) -> torch.nn.Module:
+        """The network whose attention is recorded: the pipeline's UNet (`unet`) or diffusion transformer."""
         return self.pipe.unet
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.denoiser
 
     @property
     def vae(self) -> torch.nn.Module:
@@ -152,11 +180,11 @@ class TeacherAdapter(ABC):
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return self.denoiser.dtype
 
     # -- the scheduler ------------------------------------------------------------------------------------------
     @property
@@ -168,6 +196,30 @@ class TeacherAdapter(ABC):
     def alphas(self) -> torch.Tensor:
         """(T,) cumulative alphas of the training noise schedule."""
         return self.pipe.scheduler.alphas_cumprod
+
+    # -- the noise path: DDIM over the training schedule's integer timesteps ----------------------------------------
+    def check_noise_path(self) -> None:
+        """Raises ValueError if the scheduler's prediction type is one the DDIM steps do not support."""
+        check_prediction_type(self.prediction_type)
+
+    def noise_levels(self, strength: float, steps: int, latent_hw: tuple[int, int]) -> list:
+        """`steps` + 1 noise levels, evenly spaced from the clean latents to `strength` (a share of the training
+        schedule, in (0, 1]), in the unit `predict`, `step` and `add_noise` take: integer timesteps here."""
+        return timestep_grid(round(strength * (len(self.alphas) - 1)), steps)
+
+    def step(self, x: torch.Tensor, output: torch.Tensor, level, next_level) -> torch.Tensor:
+        """Latents (B, C, h, w) at noise level `level` moved to `next_level` (up or down), given the denoiser's
+        float32 `output` at `level`: a DDIM step (eta = 0) here."""
+        alphas = self._float_alphas()
+        return ddim_step(x, output, alphas[level], alphas[next_level], self.prediction_type)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, level) -> torch.Tensor:
+        """Clean latents (B, C, h, w) noised to `level` in one draw of the forward process, with `noise` of the same
+        shape."""
+        return noise_once(latents, self._float_alphas(), level, noise)
+
+    def _float_alphas(self) -> torch.Tensor:
+        return self.alphas.to(self.device, torch.float32)
 
     # -- the image ----------------------------------------------------------------------------------------------
     @property
@@ -185,6 +237,11 @@ class TeacherAdapter(ABC):
         """What each side of an input image must be a multiple of, in pixels: the latents must halve cleanly at
         every downsampling of the UNet."""
         return self.vae_scale * 2 ** (len(self.unet.config.down_block_types) - 1)
+
+    @property
+    def patch_size(self) -> int:
+        """Latent cells per attention query along each side (1 for a UNet; a diffusion transformer's patch side)."""
+        return 1
 
     def input_size(self, width: int, height: int, size: int = 0, keep_aspect: bool = True) -> tuple[int, int]:
         """(width, height) in pixels at which a `width` x `height` image is encoded, at about `size`**2 pixels
@@ -214,8 +271,16 @@ class TeacherAdapter(ABC):
     # -- attention layers ---------------------------------------------------------------------------------------
     def recorded_layers(self) -> list[str]:
         """Processor keys (`<module path>.processor`) of the attention layers whose text attention is recorded:
-        every cross-attention layer of the UNet."""
-        return cross_attention_layers(self.unet)
+        every cross-attention layer of the denoiser."""
+        return cross_attention_layers(self.denoiser)
+
+    @contextmanager
+    def capture(self, recorder: AttentionRecorder) -> Iterator[list[str]]:
+        """Record the text attention of `recorded_layers` into `recorder` while the context is open (the layers'
+        processors are restored on exit). Yields the recorded processor keys. Raises ValueError, before anything is
+        installed, for a layer the capture cannot reproduce."""
+        with capture_cross_attention(self.denoiser, recorder, self.recorded_layers()) as keys:
+            yield keys
 
     def layer_grids(self, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
         """{processor key: (h, w) query grid} of each recorded layer for latents of `latent_hw`: a layer of the
@@ -295,4 +360,4 @@ def load_teacher(name_or_path: str, device: torch.device | str = "cpu", dtype: t
 
 
 def _load_builtin() -> None:
-    from lavender.diffusion.teachers import sd, sdxl  # noqa: F401  (registration happens on import)
+    from lavender.diffusion.teachers import flux, pixart, sd, sd3, sdxl  # noqa: F401  (registration on import)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lavender.diffusion.teachers.base import TeacherAdapter, TextBatch, register_teacher
+from lavender.diffusion.teachers.base import TeacherAdapter, TextBatch, register_teacher, tokenize
 
 
 @register_teacher
@@ -31,8 +31,7 @@ class StableDiffusionTeacher(TeacherAdapter):
     def encode_text(self, texts: list[str], mask_padding: bool = False) -> TextBatch:
         """The text encoder's last hidden states (B, L, D) as the UNet's `encoder_hidden_states`; with
         `mask_padding` the tokenizer's attention mask (B, L) goes to both the text encoder and the UNet."""
-        tok = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
-                             return_offsets_mapping=True, return_tensors="pt")
+        tok = tokenize(self.tokenizer, texts, self.max_length)
         keep = tok.attention_mask.to(self.device)
         mask = keep if mask_padding else None
         hidden = self.pipe.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]

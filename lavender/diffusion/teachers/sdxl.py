@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from lavender.diffusion.teachers.base import TeacherAdapter, TextBatch, register_teacher
-from lavender.diffusion.words import words_to_tokens
+from lavender.diffusion.teachers.base import TeacherAdapter, TextBatch, check_same_split, register_teacher, tokenize
 
 
 @register_teacher
@@ -59,16 +58,9 @@ class StableDiffusionXLTeacher(TeacherAdapter):
         """Both encoders' penultimate hidden states, concatenated (B, L, D1 + D2), and the second's pooled
         projection (B, P). With `mask_padding` each tokenizer's attention mask goes to its encoder and the first's
         to the UNet. Raises ValueError if the two tokenizers do not agree on each word's token positions."""
-        common = dict(padding="max_length", max_length=self.max_length, truncation=True,
-                      return_offsets_mapping=True, return_tensors="pt")
-        first, second = self.pipe.tokenizer(texts, **common), self.pipe.tokenizer_2(texts, **common)
+        first, second = (tokenize(t, texts, self.max_length) for t in (self.pipe.tokenizer, self.pipe.tokenizer_2))
+        check_same_split(texts, first, second, "SDXL")
         offsets = first.offset_mapping.tolist()
-        for text, a, b in zip(texts, offsets, second.offset_mapping.tolist()):
-            if words_to_tokens(text, a) != words_to_tokens(text, b):
-                raise ValueError(f"SDXL's two tokenizers split {text!r} differently; the concatenated hidden "
-                                 "states would mix different tokens")
-        if not torch.equal(first.attention_mask, second.attention_mask):
-            raise ValueError("SDXL's two tokenizers pad the texts differently")
         keep = first.attention_mask.to(self.device)
         mask = keep if mask_padding else None
         hidden, pooled = [], None
