@@ -178,7 +178,6 @@ def supported_model_types() -> list[str]:
 NOT_YET = {
     "gemma3": "Gemma 3 (pan-and-scan crops whose image tokens are average-pooled 4 x 4, wrapped in <start_of_image> "
               "and blank lines): the pooled tokens' layout on the image and the crops' canvas are not written",
-    "internvl": "InternVL (dynamic tiles plus a thumbnail, pixel-shuffled 2 x 2): the tile canvas is not written",
     "idefics": "IDEFICS v1, the Flamingo architecture (gated cross-attention to Perceiver latents): the latents have "
                "no place on the image; with use_resampler=False the patches would map directly, with it only an "
                "attention-rollout approximation (docs/other-families.md) could, and neither is written",
@@ -200,4 +199,13 @@ def adapter_for(model: torch.nn.Module) -> VLMAdapter:
 
 
 def _load_builtin() -> None:
-    from lavender.vlm import idefics3, llava, llava_next, minicpmv, mllama, qwen2_vl, qwen3_vl  # noqa: F401 (registers)
+    from lavender.vlm import (  # noqa: F401 (registers)
+        idefics3,
+        internvl,
+        llava,
+        llava_next,
+        minicpmv,
+        mllama,
+        qwen2_vl,
+        qwen3_vl,
+    )
