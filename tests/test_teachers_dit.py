@@ -336,10 +336,16 @@ def test_words_map_to_their_tokens(family, pipelines):
     assert octagon.word == "octagon" and len(octagon.tokens) > 2
 
 
-def test_joint_families_refuse_to_hide_padding(pipelines):
+def test_joint_families_refuse_to_hide_padding(pipelines, tmp_path):
+    """`--mask-padding yes` with SD3 or Flux is refused before any image is processed; the adapters refuse too."""
+    from lavender.diffusion.extract import Extractor
+
     for family in ("sd3", "flux"):
+        teacher = _load(family, pipelines)
         with pytest.raises(ValueError, match="--mask-padding no"):
-            _load(family, pipelines).encode_text(TEXTS, mask_padding=True)
+            teacher.encode_text(TEXTS, mask_padding=True)
+        with pytest.raises(ValueError, match=f"a {teacher.family} teacher .* use --mask-padding no"):
+            Extractor(ExtractConfig(diffusion=pipelines[family], data="-", out="-"), teacher, mask_padding=True)
 
 
 # -- the flow-matching path -------------------------------------------------------------------------------------------

@@ -147,6 +147,7 @@ class TeacherAdapter(ABC):
     # whether the family's pipeline hides padding tokens from its text encoder and denoiser (what
     # `lavender extract --mask-padding auto` follows when the pipeline directory does not say)
     masks_padding: ClassVar[bool] = False
+    can_mask_padding: ClassVar[bool] = True  # whether padding can be hidden at all (not in joint attention)
 
     def __init__(self, pipe):
         self.pipe = pipe

@@ -65,6 +65,7 @@ class MMDiTTeacher(TransformerTeacher):
     """
 
     joint_qk: ClassVar[QK]
+    can_mask_padding = False
 
     def __init__(self, pipe):
         super().__init__(pipe)
