@@ -313,8 +313,7 @@ def test_registry_picks_the_family_and_names_the_supported_ones():
         adapter_for(other)
 
 
-@pytest.mark.parametrize("config_class, missing", [("Gemma3Config", "pan-and-scan"),
-                                                    ("IdeficsConfig", "Perceiver latents"),
+@pytest.mark.parametrize("config_class, missing", [("IdeficsConfig", "Perceiver latents"),
                                                     ("PaliGemmaConfig", "prefix")])
 def test_families_without_an_adapter_are_refused_saying_what_is_missing(config_class, missing):
     import transformers

@@ -255,12 +255,15 @@ def offsets_in_chat(offsets: torch.Tensor, replacements: list[dict]) -> torch.Te
 
     A token after a replacement moves back by the length the replacement added; a token inside one (the image
     tokens, and whatever markers, newlines and tags the processor wrote around them, as Idefics3 does) gets an empty
-    span at the placeholder, so it is no text of the chat. Where a placeholder becomes image tokens only, this is
-    `unexpanded_offsets`."""
+    span at the placeholder, so it is no text of the chat; a token that starts before a replacement and runs into it
+    (Gemma 3's blank lines joined with a newline of the chat into one token) keeps only its part before it. Where a
+    placeholder becomes image tokens only, this is `unexpanded_offsets`."""
     moved = offsets.clone()
     for replacement in replacements:
         (start, end), (new_start, new_end) = replacement["span"], replacement["new_span"]
         inside = (offsets[:, 0] >= new_start) & (offsets[:, 0] < new_end)
+        into = (offsets[:, 0] < new_start) & (offsets[:, 1] > new_start)
+        moved[into, 1] = moved[into, 0] + (new_start - offsets[into, 0])
         moved[inside] = start
         moved[offsets[:, 0] >= new_end] -= (new_end - new_start) - (end - start)
     return moved

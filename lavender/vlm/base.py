@@ -176,8 +176,6 @@ def supported_model_types() -> list[str]:
 
 # Families people fine-tune that have no adapter yet, and what one would have to know (docs/vlm.md, support table).
 NOT_YET = {
-    "gemma3": "Gemma 3 (pan-and-scan crops whose image tokens are average-pooled 4 x 4, wrapped in <start_of_image> "
-              "and blank lines): the pooled tokens' layout on the image and the crops' canvas are not written",
     "idefics": "IDEFICS v1, the Flamingo architecture (gated cross-attention to Perceiver latents): the latents have "
                "no place on the image; with use_resampler=False the patches would map directly, with it only an "
                "attention-rollout approximation (docs/other-families.md) could, and neither is written",
@@ -200,6 +198,7 @@ def adapter_for(model: torch.nn.Module) -> VLMAdapter:
 
 def _load_builtin() -> None:
     from lavender.vlm import (  # noqa: F401 (registers)
+        gemma3,
         idefics3,
         internvl,
         llava,
