@@ -136,6 +136,24 @@ def test_tiles_alike_in_every_arrangement_take_the_squarest_grid():
         assert tile_grid(frames[:-1], frames[-1]) == squarest
 
 
+def test_the_grids_are_read_once_per_batch_and_again_when_its_tensors_change():
+    """The layers of one forward share the batch's layouts; a changed `pixel_values` (in place, or another tensor)
+    is read again: the same token count, 5 frames, is a 1 x 4 grid for a wide image and a 2 x 2 one for a square."""
+    adapter = adapter_for(tiny_internvl("sdpa"))
+    processor = saved_processor()
+    text = processor.apply_chat_template(chat("what is this ?", "a square ."), tokenize=False)
+    wide, square = (
+        dict(processor(text=[text], images=[[photo_like(w, h)]], return_tensors="pt")) for w, h in ((64, 16), (32, 32))
+    )
+    assert torch.equal(wide["input_ids"], square["input_ids"])  # nothing in the text tells the two grids apart
+    first = adapter.layouts(wide)
+    assert adapter.layouts(wide) is first and (first[0].n_rows, first[0].n_cols) == (1, 4)
+    swapped = dict(wide, pixel_values=square["pixel_values"])
+    assert [(lay.n_rows, lay.n_cols) for lay in adapter.layouts(swapped)] == [(2, 2)]
+    wide["pixel_values"].copy_(square["pixel_values"])  # in place
+    assert [(lay.n_rows, lay.n_cols) for lay in adapter.layouts(wide)] == [(2, 2)]
+
+
 # -- the pixel shuffle and the tile canvas, through the real processor and vision tower ----------------------------
 def local_model():
     """The tiny model with its vision encoder's layers removed, so each token sees only its own pixels."""

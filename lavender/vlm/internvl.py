@@ -17,9 +17,10 @@ The grid is in no input. Unlike Idefics3 (markers and newlines between crops) or
 text carries no break between tiles and the processor returns only `pixel_values` (all frames of the batch, sample
 after sample); n_rows * n_cols = frames - 1 is known, not how it factors. It is read off the pixels: the tiles
 laid out as the true grid and shrunk by area averaging to one tile reproduce the thumbnail, both being the same
-image stretched to a different size (`tile_grid`). An image whose tiles look alike in every arrangement (a plain
-colour, a periodic pattern) ties; the squarest grid is taken then (it cannot matter for the content, only for the
-plane's shape).
+image stretched to a different size (`tile_grid`, at 32 x 32 pixels). An image whose tiles look alike in every
+arrangement (a plain colour) ties; the squarest grid is taken then (it cannot matter for the content, only for the
+plane's shape). The layouts of a batch are read once and kept while its `input_ids` and `pixel_values` stay the
+same tensors, unchanged, so the aligned layers of one forward share them.
 
 Image plane (`to_image`, `image_keys`, as for Idefics3). By default ("crops") the map lies on the tile canvas at
 full resolution, as Mllama's does: (n_rows * g) x (n_cols * g) cells, tile (i, j) at rows [i * g, (i + 1) * g) and
@@ -32,12 +33,13 @@ Image frame (`image_view`): tiles and thumbnail are the whole image stretched, n
 plane is the whole image.
 
 Capture and `learn`: every text decoder layer's `self_attn` (`model.model.language_model`: Qwen2 for InternVL3,
-Qwen3 with `q_norm`/`k_norm` for InternVL3.5, Llama-style for others), all with the rotate-half
+Qwen3 with `q_norm`/`k_norm` for InternVL3.5), both with the rotate-half
 `apply_rotary_pos_emb`. One image per sample; several images or videos raise a `ValueError`. DS-VLM is not served.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -51,7 +53,8 @@ from lavender.vlm.attention import image_key_positions
 from lavender.vlm.base import SelfAttentionAdapter, register_adapter
 from lavender.vlm.idefics3 import IMAGE_KEYS, frames_to_plane
 
-TIE = 1e-3  # grids whose shrunk canvas is this close to the best one's (mean |difference|, normalised pixels) tie
+COMPARED = 32  # tiles and thumbnail are compared at this many pixels a side (or their own, if smaller)
+TIE = 1e-5  # grids whose shrunk canvas is this close to the best one's (mean |difference|, normalised pixels) tie
 
 
 def frame_side(config) -> int:
@@ -65,18 +68,21 @@ def frame_side(config) -> int:
 
 def tile_grid(tiles: torch.Tensor, thumbnail: torch.Tensor) -> tuple[int, int]:
     """(n_rows, n_cols) of the grid the tiles (n, C, T, T) were cut from, row-major: of the grids with n tiles,
-    the one whose canvas, shrunk by area averaging to T x T, is closest to the `thumbnail` (C, T, T) (mean absolute
-    difference); among grids within `TIE` of the best, the squarest (then the one with fewer rows)."""
+    the one whose canvas, shrunk by area averaging to one tile, is closest to the `thumbnail` (C, T, T) (mean
+    absolute difference, at `COMPARED` pixels a side); among grids within `TIE` of the best, the squarest (then the
+    one with fewer rows)."""
+    side = min(COMPARED, tiles.shape[-2], tiles.shape[-1])
+    tiles = F.adaptive_avg_pool2d(tiles.detach().float(), side)  # (n, C, s, s)
+    thumbnail = F.adaptive_avg_pool2d(thumbnail.detach().float()[None], side)[0]  # (C, s, s)
     n, channels, height, width = tiles.shape
-    tiles, thumbnail = tiles.detach().float(), thumbnail.detach().float()
     errors = {}
     for rows in range(1, n + 1):
         if n % rows:
             continue
         cols = n // rows
-        canvas = tiles.view(rows, cols, channels, height, width).permute(2, 0, 3, 1, 4)  # (C, rows, T, cols, T)
+        canvas = tiles.view(rows, cols, channels, height, width).permute(2, 0, 3, 1, 4)  # (C, rows, s, cols, s)
         canvas = canvas.reshape(1, channels, rows * height, cols * width)
-        shrunk = F.interpolate(canvas, size=(height, width), mode="area")[0]  # (C, T, T)
+        shrunk = F.interpolate(canvas, size=(height, width), mode="area")[0]  # (C, s, s)
         errors[rows, cols] = float((shrunk - thumbnail).abs().mean())
     best = min(errors.values())
     tied = [grid for grid, error in errors.items() if error <= best + TIE]
@@ -131,6 +137,21 @@ def tile_layouts(
     return layouts
 
 
+def _version(tensor: torch.Tensor | None) -> int:
+    """The in-place version counter of `tensor` (0 for None, -1 if it keeps none: an inference-mode tensor)."""
+    if tensor is None:
+        return 0
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
+
+
+def _ref(tensor: torch.Tensor | None):
+    """A weak reference to `tensor`, or a callable giving None for None."""
+    return (lambda: None) if tensor is None else weakref.ref(tensor)
+
+
 @register_adapter
 class InternVLAdapter(SelfAttentionAdapter):
     family = "internvl"
@@ -140,6 +161,7 @@ class InternVLAdapter(SelfAttentionAdapter):
 
     def __init__(self, model: nn.Module, image_keys: str | None = None):
         super().__init__(model)
+        self._last: tuple | None = None  # the last batch's tensors (weak references, versions) and its layouts
         if image_keys is not None:
             if image_keys not in IMAGE_KEYS:
                 raise ValueError(f"unknown image_keys {image_keys!r}; choose one of {IMAGE_KEYS}")
@@ -151,11 +173,27 @@ class InternVLAdapter(SelfAttentionAdapter):
         return nn.Identity(), nn.Identity()
 
     def layouts(self, batch: dict) -> list[TileLayout]:
-        """Each sample's `TileLayout`, from `batch["input_ids"]` and `batch["pixel_values"]` (see `tile_layouts`)."""
+        """Each sample's `TileLayout`, from `batch["input_ids"]` and `batch["pixel_values"]` (see `tile_layouts`);
+        kept for the same, unchanged tensors, so the layers of one forward read the grids once."""
         if batch.get("pixel_values_videos") is not None:
             raise ValueError("alignment supports one image per sample, not videos")
+        tensors = (batch["input_ids"], batch.get("pixel_values"))
+        versions = tuple(_version(t) for t in tensors)
+        if (
+            self._last is not None
+            and versions == self._last[1]
+            and all(ref() is t for t, ref in zip(tensors, self._last[0]))
+        ):
+            return self._last[2]
+        layouts = tile_layouts(*tensors, self.image_token_id, frame_side(self.model.config))
+        self._last = None
+        if -1 not in versions:  # tensors whose changes can be seen
+            self._last = (tuple(_ref(t) for t in tensors), versions, layouts)
+        return layouts
         side = frame_side(self.model.config)
-        return tile_layouts(batch["input_ids"], batch.get("pixel_values"), self.image_token_id, side)
+        layouts = tile_layouts(*tensors, self.image_token_id, side)
+        self._last = (tuple(None if t is None else weakref.ref(t) for t in tensors), versions, layouts)
+        return layouts
 
     def image_planes(self, batch: dict) -> list[tuple[int, int]]:
         planes = []
