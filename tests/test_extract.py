@@ -95,7 +95,7 @@ def test_extract_end_to_end_and_bad_input(tiny_sd, tiny_world, tmp_path, caplog)
     assert len(targets) == 7  # 6 good + the truncated one
     assert {f["id"]: f["reason"].split(":")[0] for f in targets.failures()} == {
         "missing": "image not found", "corrupt": "unreadable image", "empty": "empty caption",
-        "two-images": "several images"}
+        "two-images": "image count"}
     assert any("truncated" in r.getMessage() and "long" in r.getMessage() for r in caplog.records)
     assert "zebra" not in targets["long"] and "red" in targets["long"]
     first = records[0]

@@ -346,7 +346,7 @@ def warnings_of(caplog):
     return [r for r in caplog.records if r.name == "lavender.data.samples" and r.levelno == logging.WARNING]
 
 
-def test_multi_image_records_are_refused_and_the_rest_read(llava_dir, caplog):
+def test_images_and_placeholders_that_differ_in_number_are_refused_and_the_rest_read(llava_dir, caplog):
     human = {"from": "human", "value": "<image>What?"}
     gpt = {"from": "gpt", "value": "Red."}
     recs = [{"id": "ok1", "image": "imgs/one.png", "conversations": [human, gpt]},
@@ -366,16 +366,17 @@ def test_multi_image_records_are_refused_and_the_rest_read(llava_dir, caplog):
         samples = read_samples(llava_dir / "data.json", refused=refused)
     assert [s.id for s in samples] == ["ok1", "one-list", "ok2"]
     assert samples[1].image_path == "imgs/two.png" and samples[1].load_image().getpixel((0, 0)) == (128,) * 3
+    need = "image placeholders (<image> tags or image parts); each image needs one"
     assert [(s.id, s.problem) for s in refused] == [
-        ("two-list", "several images: 2 images; one image per record is supported"),
-        ("three", "several images: 3 images; one image per record is supported"),
-        ("two-tags", "several images: 2 images; one image per record is supported"),
-        ("two-parts", "several images: 2 images; one image per record is supported")]
-    with pytest.raises(ValueError, match="one image per record"):
+        ("two-list", f"image count: 2 images but 1 {need}"),
+        ("three", f"image count: 3 images but 0 {need}"),
+        ("two-tags", f"image count: 1 image but 2 {need}"),
+        ("two-parts", f"image count: 1 image but 2 {need}")]
+    with pytest.raises(ValueError, match="was refused: image count"):
         refused[0].load_image()
     (warning,) = warnings_of(caplog)
     assert "4 of 7 records refused" in warning.getMessage()
-    assert "4 several images (two-list, three, two-tags, ...)" in warning.getMessage()
+    assert "4 image count (two-list, three, two-tags, ...)" in warning.getMessage()
 
 
 def test_bad_records_are_refused_with_reasons(llava_dir, caplog):
@@ -466,7 +467,7 @@ def test_hf_dataset_trl_style(tmp_path, caplog):
     assert samples[0].load_image().getpixel((0, 0)) == (255, 0, 0)
     assert samples[1].load_image().getpixel((4, 2)) == (0, 255, 0)
     assert [(s.id, s.problem) for s in refused] == [
-        ("2", "several images: 2 images; one image per record is supported"),
+        ("2", "image count: 2 images but 1 image placeholders (<image> tags or image parts); each image needs one"),
         ("3", "no image: the record names no image (text-only)")]
     (warning,) = warnings_of(caplog)
     assert "2 of 4 records refused" in warning.getMessage()
@@ -548,3 +549,71 @@ def test_prompt_completion_alpaca_and_question_answer_records(tmp_path):
     assert set(reasons) == {"typo", "unknown-layout"}
     assert reasons["typo"].startswith("malformed: turn 2 has no text") and "'text'" in reasons["typo"]
     assert reasons["unknown-layout"].startswith("no text") and "'query'" in reasons["unknown-layout"]
+
+
+# --- multi-image records: k images and k placeholders make one sample ------------------------------------------
+
+def check_two_images(sample, first_pixel, second_pixel, question="Compare them."):
+    """A two-image sample: its texts, its two images in placeholder order, its store keys, no single image."""
+    assert sample.problem == "" and sample.n_images == 2
+    assert (sample.question, sample.answer) == (question, "Same.")
+    assert [im.getpixel((0, 0)) for im in sample.load_images()] == [first_pixel, second_pixel]
+    assert sample.target_keys == [f"{sample.id}#image0", f"{sample.id}#image1"]
+    with pytest.raises(ValueError, match="has 2 images"):
+        sample.load_image()
+    first, second = sample.per_image()  # what stage 1 extracts: one (image, text) pair per image
+    assert (first.id, second.id) == tuple(sample.target_keys)
+    assert first.n_images == second.n_images == 1 and first.question == second.question == question
+    assert (first.load_image().getpixel((0, 0)), second.load_image().getpixel((0, 0))) == (first_pixel, second_pixel)
+
+
+def test_multi_image_records_in_llava_json_and_trl_messages(llava_dir):
+    gpt = {"from": "gpt", "value": "Same."}
+    recs = [{"id": "single", **SPELLINGS["llava"]},
+            {"id": "llava", "image": ["imgs/two.png", "imgs/one.png"],
+             "conversations": [{"from": "human", "value": "<image>\n<image>\nCompare them."}, gpt]},
+            {"id": "trl", "images": ["imgs/one.png", "imgs/two.png"],
+             "messages": [{"role": "user", "content": typed(None, "Compare them.", None)},
+                          {"role": "assistant", "content": typed("Same.")}]}]
+    (llava_dir / "data.json").write_text(json.dumps(recs))
+    refused = []
+    single, llava, trl = read_samples(llava_dir / "data.json", refused=refused)
+    assert refused == []
+    check_two_images(llava, (128,) * 3, (255, 0, 0))
+    assert llava.image_paths == ("imgs/two.png", "imgs/one.png") and llava.turns == [("user", "Compare them."),
+                                                                                     ("assistant", "Same.")]
+    check_two_images(trl, (255, 0, 0), (128,) * 3)
+    assert trl.per_image()[1].image_path == "imgs/two.png" and trl.per_image()[1].image_name == "two.png"
+    # a single-image record is what it always was
+    assert (single.image_loaders, single.image_paths, single.n_images) == ((), (), 1)
+    assert single.target_keys == ["single"] and single.per_image() == [single]
+    assert single.image_path == "imgs/one.png" and single.load_images()[0].getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_multi_image_hf_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    red, blue = Image.new("RGB", (5, 3), (255, 0, 0)), Image.new("RGB", (5, 3), (0, 0, 255))
+    answer = {"role": "assistant", "content": typed("Same.")}
+    two_parts = [{"role": "user", "content": typed(None, None, "Compare them.")}, answer]
+    one_part = [{"role": "user", "content": typed(None, "Compare them.")}, answer]
+    rows = [{"messages": two_parts, "images": [blue, red]}, {"messages": two_parts, "images": [red]},
+            {"messages": one_part, "images": [red]}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    refused = []
+    two, one = read_samples(tmp_path / "hf", refused=refused)
+    assert [(r.id, r.problem.split(":")[0]) for r in refused] == [("1", "image count")]  # 1 image, 2 placeholders
+    check_two_images(two, (0, 0, 255), (255, 0, 0))
+    assert [s.image_name for s in two.per_image()] == ["0#image0.jpg", "0#image1.jpg"]
+    assert (one.id, one.n_images, one.image_name, one.image_loaders) == ("2", 1, "2.jpg", ())
+
+
+def test_a_record_whose_store_keys_another_record_has_is_refused(llava_dir):
+    two = {"image": ["imgs/one.png", "imgs/two.png"],
+           "conversations": [{"from": "human", "value": "<image><image>Compare."}, {"from": "gpt", "value": "Same."}]}
+    recs = [{"id": "a#image1", **SPELLINGS["llava"]}, {"id": "a", **two}, {"id": "b", **two},
+            {"id": "b#image0", **SPELLINGS["llava"]}]
+    (llava_dir / "data.json").write_text(json.dumps(recs))
+    refused = []
+    assert [s.id for s in read_samples(llava_dir / "data.json", refused=refused)] == ["a#image1", "b"]
+    assert [(r.id, r.problem.split(":")[0]) for r in refused] == [("a", "duplicate id"), ("b#image0", "duplicate id")]
+    assert "'a#image1'" in refused[0].problem

@@ -3,8 +3,12 @@
 Every reader yields `Sample`s with the image left unopened, so that a missing or
 corrupt file is found (and reported) where the image is used, not while listing.
 
-A record that cannot be used (several images, no image, an unknown role, a malformed
-structure, a repeated id) does not stop the reading: it becomes a `Sample` whose `problem`
+A record with k >= 2 images and k image placeholders (`<image>` tags or image parts) is one `Sample` that
+holds k image loaders (`image_loaders`, `image_paths`); its image k's stage-1 maps are stored under
+`image_key(id, k)`. Single-image samples leave those empty and are what they always were.
+
+A record that cannot be used (images and placeholders that differ in number, no image, an unknown role, a
+malformed structure, a repeated id) does not stop the reading: it becomes a `Sample` whose `problem`
 says why, and `read_samples` leaves it out, hands it to the caller on request and logs
 one summary.
 """
@@ -16,6 +20,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
@@ -32,14 +37,19 @@ _IMAGE_TAG = re.compile(r"<image>\s*")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
           "system": "system"}
 _IMAGE_PARTS = ("image", "image_url")  # typed content parts that stand for the record's image
+IMAGE_KEY = "#image"  # image k of a multi-image sample `id` is stored under f"{id}#image{k}" (see `image_key`)
 
 
 @dataclass
 class Sample:
-    """One image with its texts. `load_image` opens the image (it may raise).
+    """One image (or several) with its texts. `load_image` opens the image (it may raise).
 
     `problem` is empty for a usable sample; for a refused record it says why (`"<kind>: <detail>"`),
     and the other fields may be empty.
+
+    A multi-image sample (k >= 2 images) has one loader and one path per image in `image_loaders` and
+    `image_paths`, in the order of the record's placeholders; its `load_image` raises ValueError (there is no
+    one image to give) and `image_path` and `image_name` are empty. A single-image sample leaves both empty.
     """
 
     id: str
@@ -51,6 +61,32 @@ class Sample:
     turns: list[tuple[str, str]] = field(default_factory=list)  # ("system"|"user"|"assistant", text), no tags
     image_path: str = ""  # the image path as the record writes it (relative to the image root); "" if none
     problem: str = ""  # why the record cannot be used; empty when it can
+    image_loaders: tuple[Callable[[], Image.Image], ...] = ()  # multi-image samples only: one per image
+    image_paths: tuple[str, ...] = ()  # multi-image samples only: each image's path as the record writes it ("": none)
+
+    @property
+    def n_images(self) -> int:
+        """How many images the sample shows (1 for a single-image sample)."""
+        return len(self.image_loaders) or 1
+
+    def load_images(self) -> list[Image.Image]:
+        """Every image of the sample, opened, in order (one for a single-image sample); raises as `load_image`."""
+        return [load() for load in self.image_loaders] if self.image_loaders else [self.load_image()]
+
+    @property
+    def target_keys(self) -> list[str]:
+        """The store keys of the sample's maps, one per image: its id for one image, `image_key(id, k)` for more."""
+        return [image_key(self.id, k) for k in range(len(self.image_loaders))] if self.image_loaders else [self.id]
+
+    def per_image(self) -> list[Sample]:
+        """One single-image sample per image, each with the sample's texts, `id` its target key and `load_image`
+        that image's loader (the sample itself if it has one image). Stage 1 extracts each as its own pair."""
+        if not self.image_loaders:
+            return [self]
+        return [replace(self, id=key, load_image=load, image_name=Path(path).name if path else f"{key}.jpg",
+                        image_path=path,
+                        image_loaders=(), image_paths=())
+                for key, load, path in zip(self.target_keys, self.image_loaders, self.image_paths)]
 
     def text(self, source: str = "caption") -> str:
         if source == "caption":
@@ -63,6 +99,18 @@ class Sample:
 
 
 open_rgb = image_loader  # the former name, still used by tests/test_train_data.py
+
+
+def image_key(sample_id: str, k: int) -> str:
+    """The store key of image k (0-based) of a multi-image sample: f"{sample_id}#image{k}". `read_samples`
+    refuses a record whose keys another record already has, so the key of one image never names another."""
+    return f"{sample_id}{IMAGE_KEY}{k}"
+
+
+def _several(sample_id: str, n: int) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        raise ValueError(f"sample {sample_id} has {n} images, not one (`Sample.load_images` opens them all)")
+    return load
 
 
 class _Refused(Exception):
@@ -214,11 +262,13 @@ def _texts(rec: dict, turns: list[tuple[str, str]]) -> tuple[str, str, str]:
 
 
 def _check_images(n_files: int, n_placeholders: int) -> None:
+    """Refuses a record without an image, and one with several images or placeholders whose numbers differ (one
+    image without a placeholder is fine: it goes in front of the first user turn)."""
     if n_files == 0:
         raise _Refused("no image", "the record names no image (text-only)")
-    n = max(n_files, n_placeholders)
-    if n > 1:
-        raise _Refused("several images", f"{n} images; one image per record is supported")
+    if max(n_files, n_placeholders) > 1 and n_files != n_placeholders:
+        raise _Refused("image count", f"{n_files} image{'s' * (n_files > 1)} but {n_placeholders} image "
+                       "placeholders (<image> tags or image parts); each image needs one")
 
 
 def _image_paths(rec: dict) -> list[str]:
@@ -291,6 +341,10 @@ def read_llava_json(path: Path, image_root: Path | None = None) -> Iterator[Samp
             _check_images(len(paths), placeholders)
         except _Refused as e:
             yield _refused(sample_id, str(e))
+            continue
+        if len(paths) > 1:
+            yield Sample(sample_id, _several(sample_id, len(paths)), caption, question, answer, turns=turns,
+                         image_loaders=tuple(image_loader(root / p) for p in paths), image_paths=tuple(paths))
             continue
         file = root / paths[0]
         yield Sample(sample_id, image_loader(file), caption, question, answer, file.name, turns, paths[0])
@@ -370,10 +424,15 @@ def read_hf_dataset(path: Path) -> Iterator[Sample]:
             yield _refused(sample_id, str(e))
             continue
 
-        def load(i: int = i) -> Image.Image:
+        def load(i: int = i, k: int = 0) -> Image.Image:
             im = images[i][image_col]
-            return load_image(im[0] if isinstance(im, list) else im)
+            return load_image(im[k] if isinstance(im, list) else im)
 
+        if counts[i] > 1:
+            yield Sample(sample_id, _several(sample_id, counts[i]), caption, question, answer, turns=turns,
+                         image_loaders=tuple(partial(load, i, k) for k in range(counts[i])),
+                         image_paths=("",) * counts[i])
+            continue
         yield Sample(sample_id, load, caption, question, answer, f"{sample_id}.jpg", turns)
 
 
@@ -387,7 +446,9 @@ def read_samples(data: str | Path, image_root: str | Path | None = None,
 
     Records that cannot be used are left out and appended to `refused` (if given), each with its `id` and
     `problem`; one warning counts them per reason. A later record with an id already used is refused and the
-    first one kept. Problems of the source as a whole (missing path, unsupported file, a .json that is not a
+    first one kept, and so is one that shares a store key with an earlier one (`Sample.target_keys`: a record
+    "a" of two images has the keys "a#image0" and "a#image1", which a record so named would also use).
+    Problems of the source as a whole (missing path, unsupported file, a .json that is not a
     list, an HF dataset without an image column) raise.
     """
     path = Path(data)
@@ -405,10 +466,14 @@ def read_samples(data: str | Path, image_root: str | Path | None = None,
     for sample in read:
         if not sample.problem and sample.id in seen:
             sample = replace(sample, problem="duplicate id: an earlier record has this id and is kept")
+        elif not sample.problem and seen.intersection(sample.target_keys):
+            clash = sorted(seen.intersection(sample.target_keys))[0]
+            sample = replace(sample, problem=f"duplicate id: the store key {clash!r} of this record is also that of "
+                                             "an earlier record, which is kept")
         if sample.problem:
             bad.append(sample)
             continue
-        seen.add(sample.id)
+        seen.update({sample.id, *sample.target_keys})
         usable.append(sample)
     if bad:
         by_kind: dict[str, list[str]] = {}
