@@ -11,6 +11,10 @@ Layout of a store directory:
     index.json                 sample id -> shard, written when a run finishes
     failures.jsonl             samples that could not be processed, with the reason
 
+Keys: a single-image sample's maps are stored under its id. Image k (0-based) of a multi-image sample "a" is
+stored under "a#image{k}" (`lavender.data.samples.image_key`), every key of a sample in one shard, so a sample
+is either wholly in the store or not at all; its failures are named by its id.
+
 Image frame: a map covers a stated region of the original, EXIF-upright image, its *frame*,
 resampled to R x R. `settings["frame"]` names it: "full" (the whole image; what `lavender
 extract` writes), "center-square" (the centred square of side min(width, height); what
@@ -102,8 +106,11 @@ class TargetsWriter:
 
     def add(self, sample_id: str, maps: dict[str, np.ndarray | torch.Tensor],
             image_size: tuple[int, int] | None = None,
-            ranges: dict[str, tuple[float, float]] | None = None, view: Box | None = None) -> None:
+            ranges: dict[str, tuple[float, float]] | None = None, view: Box | None = None,
+            flush: bool = True) -> None:
         """Buffer one sample's maps; `image_size` is its original image's (width, height) in pixels, if known.
+        `sample_id` is the store key (a multi-image sample's image key). With `flush` False a full buffer waits
+        for a later `add` or `flush`, so that the keys of one multi-image sample land in one shard.
 
         `ranges` gives, for every word of `maps`, the (min, max) its map had before min-max normalisation, so
         that readers can recover its distribution (module docstring); `view` is the (top, left, bottom, right)
@@ -138,7 +145,7 @@ class TargetsWriter:
         else:
             stacked = torch.zeros(0, 1, 1)
         self._buffer[sample_id] = _Entry(words, stacked.to(self.dtype).contiguous(), size, kept_ranges, box)
-        if len(self._buffer) >= self.shard_size:
+        if flush and len(self._buffer) >= self.shard_size:
             self.flush()
 
     def flush(self) -> Path | None:

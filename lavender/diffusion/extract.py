@@ -18,6 +18,7 @@ import logging
 import shutil
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from lavender.data.samples import TEXT_SOURCES, Sample, read_samples, resolve_data
+from lavender.data.samples import TEXT_SOURCES, Sample, image_key, read_samples, resolve_data
 from lavender.data.targets import (
     FAILURES_FILE,
     STORE_FILE,
@@ -335,7 +336,9 @@ def _merge_failures(root: Path, done: set[str]) -> int:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
-            if rec.get("record") or rec["id"] not in done:  # a refused record may share a done sample's id
+            # a refused record may share a done sample's id; a multi-image sample is done when its image 0 is
+            # (its keys are stored together)
+            if rec.get("record") or (rec["id"] not in done and image_key(rec["id"], 0) not in done):
                 failures[json.dumps(rec, sort_keys=True)] = rec
     atomic_write_text(root / FAILURES_FILE, "".join(json.dumps(r) + "\n" for r in failures.values()))
     for part in root.glob("failures-*.jsonl"):
@@ -386,7 +389,7 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
 
     # Split before skipping what is done, so that the split never depends on when a process looks.
     done = set(scan_shards(root))
-    todo = [s for s in samples[rank::world] if s.id not in done]
+    todo = [s for s in samples[rank::world] if not done.issuperset(s.target_keys)]
     log.info("process %d/%d: %d of %d samples to do", rank, world, len(todo), len(samples))
     if not samples:
         log.warning("%s holds no usable sample: the store will be empty", cfg.data)
@@ -397,6 +400,10 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
             failures.write(json.dumps({"id": sample_id, "reason": reason, **extra}) + "\n")
             failures.flush()
 
+        # Each image of a multi-image sample is its own (image, text) pair under its key; `whole` stores or fails
+        # a sample's pairs together and passes a single-image sample's straight on.
+        whole = WholeSamples(todo, writer, fail)
+        writer, fail, todo = whole, whole.fail, whole.pairs
         for record in refused[rank::world]:  # records no stage can use (several images, no image, malformed)
             fail(record.id, record.problem, record=True)
         bar = tqdm(total=len(todo), desc=f"extract[{rank}]" if world > 1 else "extract", unit="img",
@@ -428,6 +435,57 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
     if is_main and finalize:
         finalize_store(root)
     return root
+
+
+class WholeSamples:
+    """Stage 1 of multi-image samples, between the extraction loop and the store.
+
+    `pairs` holds one single-image sample per image (`Sample.per_image`: id the image's store key, the sample's
+    texts). `add` and `fail` take what the loop reports for a pair, by key, with the signatures of
+    `TargetsWriter.add` and of the loop's `fail(id, reason)`. A single-image sample's go straight to `writer` and
+    `fail`. A multi-image sample's maps wait until each of its images has some; then they go to the writer
+    together (one shard, `flush=False` until the last). When one of its images fails, the sample fails as a
+    whole, once, under its own id with the image named, and its other maps are dropped: a sample is either
+    wholly in the store or not.
+    """
+
+    def __init__(self, samples: list[Sample], writer: TargetsWriter, fail: Callable[..., None]):
+        self.writer, self._fail = writer, fail
+        self.pairs = [pair for sample in samples for pair in sample.per_image()]
+        self._owner = {key: s for s in samples if s.n_images > 1 for key in s.target_keys}
+        self._waiting: dict[str, dict[str, tuple[dict, dict]]] = {}  # sample id -> key -> (maps, add's kwargs)
+        self._failed: set[str] = set()
+
+    def add(self, key: str, maps: dict, **kwargs) -> None:
+        sample = self._owner.get(key)
+        if sample is None:
+            self.writer.add(key, maps, **kwargs)
+            return
+        if sample.id in self._failed:
+            return
+        done = self._waiting.setdefault(sample.id, {})
+        done[key] = (maps, kwargs)
+        if len(done) < sample.n_images:
+            return
+        del self._waiting[sample.id]
+        for k, key in enumerate(sample.target_keys):
+            self.writer.add(key, done[key][0], **done[key][1], flush=k == sample.n_images - 1)
+
+    def fail(self, key: str, reason: str, **extra) -> None:
+        sample = self._owner.get(key)
+        if sample is None:
+            self._fail(key, reason, **extra)
+            return
+        if sample.id in self._failed:
+            return
+        self._failed.add(sample.id)
+        self._waiting.pop(sample.id, None)
+        k = sample.target_keys.index(key)
+        self._fail(sample.id, f"{reason} (image {k} of {sample.n_images}; none of the sample's images is stored)",
+                   **extra)
+
+    def flush(self) -> None:
+        self.writer.flush()
 
 
 def finalize_store(root: str | Path) -> dict[str, str]:
