@@ -1,15 +1,18 @@
-"""Stage 1 cost against the bare model passes it is built on, measured side by side in one run.
+"""Stage 1 throughput at each step preset against the bare model passes it is built on, measured side by side in
+one run.
 
-For each model, on the same batch:
-  * stage 1: VAE encode, DDIM inversion and denoising with cross-attention capture, word maps;
-  * baseline: the same number of VAE and UNet passes with the stock (fused SDPA) processors.
+For each model and each preset of `lavender extract --preset` (paper: 5 inversion + 10 denoising steps; fast:
+1 + 1), on the same batch:
+  * stage 1: VAE encode, inversion and denoising with text-attention capture, word maps;
+  * bare: the same number of VAE and denoiser passes with the stock (fused SDPA) processors, nothing recorded.
 
-Time: the two are timed alternately, `--repeats` times each, and the ratio of medians printed.
-Memory: each variant runs in fresh child processes (`--memory-repeats`, alternating); the ratio of the
-median peak resident memory (VmHWM) is printed, in total and above the level after loading the model.
+Time: all (preset, variant) pairs are timed in turn, `--repeats` rounds, and images per second are the batch
+size over each pair's median time. Memory: each pair runs in fresh child processes (`--memory-repeats`,
+alternating; 0 skips it); the ratio of the median peak resident memory (VmHWM) is printed, in total and above
+the level after loading the model.
 
     python benchmarks/extract.py                     # shapes teacher + scaled-down SD v1.4 UNet
-    python benchmarks/extract.py --models teacher
+    python benchmarks/extract.py --models teacher --repeats 10
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 from peak_memory import measure_in_child, median_child_peaks
 
-from lavender.diffusion.extract import ExtractConfig, Extractor, load_pipeline
+from lavender.diffusion.extract import PRESETS, ExtractConfig, Extractor, load_pipeline
 from lavender.world.scenes import make_scene
 
 
@@ -77,65 +80,96 @@ def baseline(extractor: Extractor, images, texts) -> None:
 VARIANTS = {"stage1": stage1, "baseline": baseline}
 
 
-def build(model: str, args) -> Extractor:
-    cfg = ExtractConfig(diffusion=model, data="-", out="-", inversion_steps=args.inversion_steps,
-                        denoise_steps=args.denoise_steps, resolution=32, device="cpu")
-    pipe = load_pipeline(cfg, torch.device("cpu"))
+def build(model: str, presets: list[str]) -> dict[str, Extractor]:
+    """One extractor per preset, all on one pipeline whose processors are the stock fused SDPA ones."""
+    pipe = load_pipeline(ExtractConfig(diffusion=model, device="cpu"), torch.device("cpu"))
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     from lavender.diffusion.extract import sidecar
 
-    return Extractor(cfg, pipe, sidecar(model).get("mask_padding", False))
+    mask_padding = sidecar(model).get("mask_padding", False)
+    return {preset: Extractor(ExtractConfig(diffusion=model, data="-", out="-", preset=preset, resolution=32,
+                                            device="cpu"), pipe, mask_padding) for preset in presets}
+
+
+def passes(extractor: Extractor) -> int:
+    """Denoiser passes per image (inversion + denoising steps; one VAE encode besides)."""
+    return extractor.cfg.inversion_steps + extractor.cfg.denoise_steps
 
 
 def child(args) -> None:
-    """Run one variant once in this fresh process and report its peak resident memory."""
-    extractor = build(args.child_model, args)
+    """Run one (preset, variant) once in this fresh process and report its peak resident memory."""
+    extractor = build(args.child_model, [args.child_preset])[args.child_preset]
     images, texts = make_inputs(extractor, args.batch_size)
     measure_in_child(lambda: VARIANTS[args.child](extractor, images, texts))
 
 
-def child_command(model: str, variant: str, args) -> list[str]:
-    return [sys.executable, __file__, "--child", variant, "--child-model", model, "--batch-size",
-            str(args.batch_size), "--inversion-steps", str(args.inversion_steps), "--denoise-steps",
-            str(args.denoise_steps)]
+def child_command(model: str, preset: str, variant: str, args) -> list[str]:
+    return [sys.executable, __file__, "--child", variant, "--child-model", model, "--child-preset", preset,
+            "--batch-size", str(args.batch_size)]
 
 
-def measure(name: str, model: str, args) -> dict:
+def measure(name: str, model: str, args) -> list[dict]:
+    """One row per preset: median seconds per batch and images per second of stage 1 and of the bare passes,
+    and (with `--memory-repeats`) their peak resident memory."""
     torch.manual_seed(0)
-    extractor = build(model, args)
-    images, texts = make_inputs(extractor, args.batch_size)
-    for fn in VARIANTS.values():  # warm-up
-        fn(extractor, images, texts)
-    times = {k: [] for k in VARIANTS}
+    extractors = build(model, args.presets)
+    images, texts = make_inputs(next(iter(extractors.values())), args.batch_size)
+    pairs = [(preset, variant) for preset in extractors for variant in VARIANTS]
+    for preset, variant in pairs:  # warm-up
+        VARIANTS[variant](extractors[preset], images, texts)
+    times: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
     for _ in range(args.repeats):
-        for key, fn in VARIANTS.items():
+        for preset, variant in pairs:
             start = time.perf_counter()
-            fn(extractor, images, texts)
-            times[key].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    mem = median_child_peaks({k: child_command(model, k, args) for k in VARIANTS}, args.memory_repeats)
-    return {
-        "model": name, "image_size": extractor.image_size, "batch": args.batch_size,
-        "stage1_s": med["stage1"], "baseline_s": med["baseline"], "time_ratio": med["stage1"] / med["baseline"],
-        "peak_ratio": mem["stage1"]["peak_kb"] / mem["baseline"]["peak_kb"],
-        "extra_ratio": mem["stage1"]["extra_kb"] / max(1, mem["baseline"]["extra_kb"]),
-        "stage1_peak_mb": mem["stage1"]["peak_kb"] / 1024, "baseline_peak_mb": mem["baseline"]["peak_kb"] / 1024,
-    }
+            VARIANTS[variant](extractors[preset], images, texts)
+            times[(preset, variant)].append(time.perf_counter() - start)
+    med = {pair: statistics.median(v) for pair, v in times.items()}
+    mem = median_child_peaks({f"{p}/{v}": child_command(model, p, v, args) for p, v in pairs},
+                             args.memory_repeats) if args.memory_repeats else {}
+    rows = []
+    for preset, extractor in extractors.items():
+        stage1_s, baseline_s = med[(preset, "stage1")], med[(preset, "baseline")]
+        row = {"model": name, "preset": preset, "passes": passes(extractor), "image_size": extractor.image_size,
+               "batch": args.batch_size, "stage1_s": stage1_s, "baseline_s": baseline_s,
+               "stage1_images_per_s": args.batch_size / stage1_s, "baseline_images_per_s": args.batch_size / baseline_s,
+               "throughput_ratio": baseline_s / stage1_s}
+        if mem:
+            ours, bare = mem[f"{preset}/stage1"], mem[f"{preset}/baseline"]
+            row.update(peak_ratio=ours["peak_kb"] / bare["peak_kb"],
+                       extra_ratio=ours["extra_kb"] / max(1, bare["extra_kb"]),
+                       stage1_peak_mb=ours["peak_kb"] / 1024, baseline_peak_mb=bare["peak_kb"] / 1024)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table of `measure`'s rows."""
+    memory = all("peak_ratio" in r for r in rows)
+    head = ["model", "image", "batch", "preset", "passes (VAE + denoiser)", "images/s with capture", "images/s bare",
+            "ratio (capture / bare)"] + (["peak memory ratio"] if memory else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [r["model"], f"{r['image_size']} px", str(r["batch"]), r["preset"], f"1 + {r['passes']}",
+                 f"{r['stage1_images_per_s']:.2f}", f"{r['baseline_images_per_s']:.2f}", f"{r['throughput_ratio']:.3f}"]
+        if memory:
+            cells.append(f"{r['peak_ratio']:.3f} ({r['stage1_peak_mb']:.0f} / {r['baseline_peak_mb']:.0f} MB)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=["teacher", "sd14-small"],
                         help="'teacher', 'sd14-small' or pipeline directories")
+    parser.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--memory-repeats", type=int, default=3, help="child processes per variant")
-    parser.add_argument("--inversion-steps", type=int, default=5)
-    parser.add_argument("--denoise-steps", type=int, default=10)
+    parser.add_argument("--memory-repeats", type=int, default=3, help="child processes per preset and variant")
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--child-model", help=argparse.SUPPRESS)
+    parser.add_argument("--child-preset", choices=list(PRESETS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -143,12 +177,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models:
-            rows.append(measure(name, model_dir(name, Path(scratch)), args))
-            r = rows[-1]
-            print(f"{r['model']:<12} image {r['image_size']:>3}px batch {r['batch']}: "
-                  f"stage 1 {r['stage1_s']:.3f}s / baseline {r['baseline_s']:.3f}s = time x{r['time_ratio']:.3f}; "
-                  f"peak memory x{r['peak_ratio']:.3f} ({r['stage1_peak_mb']:.0f} / {r['baseline_peak_mb']:.0f} MB), "
-                  f"above model load x{r['extra_ratio']:.3f}", flush=True)
+            rows.extend(measure(name, model_dir(name, Path(scratch)), args))
+            print(table([r for r in rows if r["model"] == name]), flush=True)
     print(json.dumps(rows, indent=2))
 
 

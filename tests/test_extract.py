@@ -367,3 +367,106 @@ def test_zero_inversion_steps_noise_once_per_sample(tiny_sd, tiny_world, tmp_pat
     assert len(once) == 4
     _assert_same_store(once, again)
     assert any(not np.allclose(once[s][w], inverted[s][w], atol=1e-3) for s in once for w in once[s])
+
+
+# -- presets ---------------------------------------------------------------------------------------------------
+def test_a_preset_sets_the_step_counts_and_given_counts_win():
+    assert (ExtractConfig().inversion_steps, ExtractConfig().denoise_steps, ExtractConfig().strength) == (5, 10, 0.5)
+    fast = ExtractConfig(preset="fast")
+    assert (fast.inversion_steps, fast.denoise_steps, fast.strength) == (1, 1, 0.5)
+    assert (ExtractConfig(preset="fast", denoise_steps=3).inversion_steps, 3) == (1, 3)
+    # given counts win even when they equal the defaults of another preset
+    given = ExtractConfig(preset="fast", inversion_steps=5, denoise_steps=10)
+    assert (given.inversion_steps, given.denoise_steps) == (5, 10)
+    assert ExtractConfig(preset="paper", inversion_steps=0).denoise_steps == 10
+    with pytest.raises(ValueError, match="--preset must be one of paper, fast"):
+        ExtractConfig(preset="quick")
+
+
+def test_the_preset_from_flags_and_yaml(tmp_path):
+    from lavender.cli import build_parser
+    from lavender.config import config_from_args
+
+    def parsed(*argv: str) -> tuple[int, int]:
+        cfg = config_from_args(ExtractConfig, build_parser().parse_args(["extract", *argv]))
+        return cfg.inversion_steps, cfg.denoise_steps
+
+    assert parsed() == (5, 10)
+    assert parsed("--preset", "fast") == (1, 1)
+    assert parsed("--preset", "fast", "--denoise-steps", "4") == (1, 4)
+    assert parsed("--inversion-steps", "2") == (2, 10)
+    (tmp_path / "fast.yaml").write_text("preset: fast\n")
+    assert parsed("--config", str(tmp_path / "fast.yaml"), "--inversion-steps", "2") == (2, 1)
+    (tmp_path / "steps.yaml").write_text("inversion_steps: 5\n")
+    assert parsed("--config", str(tmp_path / "steps.yaml"), "--preset", "fast") == (5, 1)
+
+
+def test_a_fast_store_records_its_steps_resumes_and_refuses_the_paper_setting(tiny_sd, tiny_world, tmp_path,
+                                                                              caplog):
+    data, out = tiny_world / "test.json", tmp_path / "fast"
+
+    def config(**kw) -> ExtractConfig:
+        return ExtractConfig(diffusion=tiny_sd, data=str(data), out=str(out), resolution=8, device="cpu",
+                             num_workers=0, **kw)
+
+    run_extract(config(preset="fast", limit=2))
+    assert {k: AttentionTargets(out).settings[k] for k in ("inversion_steps", "denoise_steps", "strength")} == {
+        "inversion_steps": 1, "denoise_steps": 1, "strength": 0.5}
+    with caplog.at_level(logging.INFO, logger="lavender.diffusion.extract"):
+        run_extract(config(preset="fast"))  # resumes: the same settings
+    assert "2 of 4 samples to do" in caplog.text and len(AttentionTargets(out)) == 4
+    run_extract(config(inversion_steps=1, denoise_steps=1))  # the same steps given by hand: the same store
+    with pytest.raises(ValueError, match=r"other settings.*'inversion_steps': \(1, 5\)"):
+        run_extract(config())
+
+
+# -- image loading in workers -----------------------------------------------------------------------------------
+def test_images_are_decoded_in_workers_and_the_results_do_not_depend_on_them(tiny_sd, tiny_world, tmp_path,
+                                                                             monkeypatch, caplog):
+    """With workers every image is opened in another process than the main one (the spy records the opening
+    process's id in a file, as the workers' memory is their own); with 0 in the main one. Maps, their order and
+    batches, failures and the vocabulary report are the same."""
+    import os
+
+    import lavender.data.images as images
+
+    records = json.loads((tiny_world / "train.json").read_text())
+    records[3] = {**records[3], "image": "images/nope.png"}
+    records[5] = {**records[5], "conversations": [{"from": "human", "value": "<image>\nDescribe."},
+                                                  {"from": "gpt", "value": "a red zebra on a windowsill"}]}
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{**r, "image": str(tiny_world / r["image"])} for r in records]))
+    opened, real_load = tmp_path / "opened", images.load_image
+    opened.mkdir()
+
+    def spy_load(path, *args, **kwargs):
+        (opened / f"{Path(path).stem}-{os.getpid()}").touch()
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(images, "load_image", spy_load)  # read when each sample's loader is made, in the run
+    batches: list[list[str]] = []
+    original = Extractor.__call__
+    monkeypatch.setattr(Extractor, "__call__", lambda self, i, t: (batches.append(list(t)), original(self, i, t))[1])
+
+    runs = {}
+    for workers in (0, 2):
+        for f in opened.iterdir():
+            f.unlink()
+        batches.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            root = run_extract(_config(tiny_sd, data, tmp_path / f"w{workers}", num_workers=workers, batch_size=3))
+        pids = [int(f.name.rsplit("-", 1)[1]) for f in opened.iterdir()]
+        assert len(pids) == 12  # every image opened once (the missing one too, to find it missing)
+        runs[workers] = (AttentionTargets(root), list(batches), [r.getMessage() for r in caplog.records], pids)
+    assert set(runs[0][3]) == {os.getpid()}
+    assert os.getpid() not in runs[2][3] and len(set(runs[2][3])) == 2
+
+    (plain, plain_batches, plain_log, _), (loaded, loaded_batches, loaded_log, _) = runs[0], runs[2]
+    assert loaded_batches == plain_batches and len(plain_batches) == 4
+    assert sorted(plain) == sorted(loaded) and len(plain) == 11
+    for sid in plain:
+        assert list(plain[sid]) == list(loaded[sid])
+        assert all(np.array_equal(plain[sid][w], loaded[sid][w]) for w in plain[sid])
+    assert plain.failures() == loaded.failures() and plain.failures()[0]["reason"].startswith("image not found")
+    assert loaded_log == plain_log and any("zebra" in m and "windowsill" in m for m in plain_log)

@@ -58,6 +58,10 @@ RESULT_SETTINGS = ("diffusion", "text", "inversion_steps", "denoise_steps", "str
                    "resolution", "image_size", "keep_aspect", "attn_resolutions", "mask_padding", "dtype", "frame")
 
 
+# --preset: (inversion steps, denoising steps); the strength stays --strength (0.5 by default) for both.
+PRESETS = {"paper": (5, 10), "fast": (1, 1)}
+
+
 @dataclass
 class ExtractConfig:
     diffusion: str = field(default="CompVis/stable-diffusion-v1-4", metadata={
@@ -65,10 +69,16 @@ class ExtractConfig:
     data: str = field(default="", metadata={"help": "LLaVA JSON, HF dataset dir, or image folder with captions"})
     out: str = field(default="", metadata={"help": "targets store directory"})
     text: str = field(default="caption", metadata={"help": "text to condition on: caption|question|question+answer"})
-    inversion_steps: int = field(default=5, metadata={
+    preset: str = field(default="paper", metadata={
+        "help": "step counts: paper (5 inversion + 10 denoising steps, the Lavender paper's) or fast (1 + 1: 2 "
+                "passes instead of 15, as good as paper on the shapes teacher within noise; docs/stage1.md). "
+                "--inversion-steps and --denoise-steps, when given, win over the preset"})
+    inversion_steps: int | None = field(default=None, metadata={
         "help": "inversion steps: DDIM, or Euler steps of the flow for SD3/Flux (0: noise the latents to --strength "
-                "in one draw instead, seeded by each image and text, so a rerun gives the same maps)"})
-    denoise_steps: int = field(default=10, metadata={"help": "denoising steps, recorded"})
+                "in one draw instead, seeded by each image and text, so a rerun gives the same maps). "
+                "Unset: the preset's"})
+    denoise_steps: int | None = field(default=None, metadata={
+        "help": "denoising steps, recorded. Unset: the preset's"})
     strength: float = field(default=0.5, metadata={
         "help": "noise level reached by inversion, as a share of the training schedule (flow matching: of the "
                 "scheduler's unshifted grid)"})
@@ -93,8 +103,18 @@ class ExtractConfig:
     device: str = field(default="", metadata={"help": "torch device (default: this process's accelerator)"})
     limit: int = field(default=0, metadata={"help": "process at most this many samples (0: all)"})
     overwrite: bool = field(default=False, metadata={"help": "delete an existing store at --out first"})
+    num_workers: int = field(default=2, metadata={
+        "help": "DataLoader worker processes that open, decode and check the images while the teacher runs "
+                "(0: all in the main process)"})
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        # A step count left at None was not given, so the preset fills it; one given (even equal to the
+        # preset's) stays. After this both are ints: `dataclasses.replace(cfg, preset=...)` keeps them.
+        inversion, denoise = PRESETS[self.preset]
+        self.inversion_steps = inversion if self.inversion_steps is None else self.inversion_steps
+        self.denoise_steps = denoise if self.denoise_steps is None else self.denoise_steps
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
         if self.text not in TEXT_SOURCES:
             raise ValueError(f"--text must be one of {TEXT_SOURCES}, got {self.text!r}")
@@ -106,9 +126,10 @@ class ExtractConfig:
             raise ValueError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if not 0 < self.strength <= 1:
             raise ValueError("--strength must be in (0, 1]")
-        if min(self.denoise_steps, self.resolution, self.batch_size) < 1 or self.inversion_steps < 0:
-            raise ValueError("denoise steps, resolution and batch size must be positive, inversion steps not "
-                             "negative")
+        if min(self.denoise_steps, self.resolution, self.batch_size) < 1 or min(self.inversion_steps,
+                                                                                  self.num_workers) < 0:
+            raise ValueError("denoise steps, resolution and batch size must be positive, inversion steps and "
+                             "workers not negative")
 
 
 def sidecar(diffusion: str) -> dict[str, Any]:
@@ -264,8 +285,24 @@ def _open_store(root: Path, settings: dict[str, Any], create: bool) -> None:
         write_store_info(root, settings, settings["diffusion"])
 
 
+@dataclass
+class TextCheck:
+    """What the teacher's tokenizer makes of one text: `tokens` its length in tokens (special tokens included,
+    before truncation), `words` its number of words, and the words it does not know (`unknown`) or splits into
+    many pieces (`split`)."""
+
+    tokens: int
+    words: int
+    unknown: list[str]
+    split: list[str]
+
+
 class VocabularyReport:
-    """Counts the words the teacher's tokenizer does not know or splits into many pieces."""
+    """Counts the words the teacher's tokenizer does not know or splits into many pieces.
+
+    `check` only reads the tokenizer, so it can run in a data-loader worker; `count` adds its result to the
+    counts, in the process that reports them.
+    """
 
     def __init__(self, tokenizer, many: int = 3, examples: int = 8):
         self.tokenizer, self.many, self.examples = tokenizer, many, examples
@@ -274,19 +311,30 @@ class VocabularyReport:
         self.split: Counter = Counter()
         self.truncated = 0  # texts longer than the text encoder takes
 
-    def add(self, text: str) -> int:
-        """Count the words of `text`; returns its number of tokens (special tokens included)."""
+    def check(self, text: str) -> TextCheck:
+        """Tokenize `text` untruncated and find its unknown and many-piece words; counts nothing."""
         enc = self.tokenizer(text, truncation=False, return_offsets_mapping=True)
+        result = TextCheck(len(enc.input_ids), 0, [], [])
         for word, pieces, unknown in word_pieces(text, enc.input_ids, enc.offset_mapping,
                                                  self.tokenizer.unk_token_id):
-            self.words["words"] += 1
+            result.words += 1
             if unknown:
-                self.words["unknown"] += 1
-                self.unknown[word] += 1
+                result.unknown.append(word)
             elif pieces >= self.many:
-                self.words["split"] += 1
-                self.split[word] += 1
-        return len(enc.input_ids)
+                result.split.append(word)
+        return result
+
+    def count(self, check: TextCheck) -> None:
+        """Add one text's `check` to the counts."""
+        self.words.update(words=check.words, unknown=len(check.unknown), split=len(check.split))
+        self.unknown.update(check.unknown)
+        self.split.update(check.split)
+
+    def add(self, text: str) -> int:
+        """Count the words of `text`; returns its number of tokens (special tokens included)."""
+        check = self.check(text)
+        self.count(check)
+        return check.tokens
 
     def summary(self) -> str:
         """One line for the log, or "" if every word is known whole or in few pieces."""
@@ -307,25 +355,54 @@ class VocabularyReport:
         return "; ".join([*parts, cut] if cut else parts)
 
 
-def _load(sample: Sample, text_source: str, max_tokens: int,
-          vocabulary: VocabularyReport) -> tuple[Image.Image | None, str, str]:
-    """(image, text, failure reason); the reason is empty on success."""
+@dataclass
+class Loaded:
+    """One sample as `LoadedSamples` gives it: its position in the samples, its image (None if it failed), its
+    text, why it failed ("" if it did not) and what the tokenizer makes of the text (None if it failed). Only
+    these travel back from a worker: the sample itself (and its image loader) stays where it is."""
+
+    index: int
+    image: Image.Image | None
+    text: str
+    reason: str
+    check: TextCheck | None
+
+
+def _load(index: int, sample: Sample, text_source: str, vocabulary: VocabularyReport) -> Loaded:
+    """Sample number `index`, `sample`, with its text checked and its image opened, decoded and turned upright; a
+    text that is empty or an image that cannot be read gives a Loaded with the reason and no image."""
     text = sample.text(text_source).strip()
     if not text:
-        return None, text, f"empty {text_source}"
+        return Loaded(index, None, text, f"empty {text_source}", None)
     try:
         image = sample.load_image()
     except FileNotFoundError as err:
-        return None, text, f"image not found: {err.filename or err}"
+        return Loaded(index, None, text, f"image not found: {err.filename or err}", None)
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        return None, text, f"unreadable image: {err}"
-    n_tokens = vocabulary.add(text)
-    if n_tokens > max_tokens:
-        vocabulary.truncated += 1
-        if vocabulary.truncated <= 3:  # a few by name; the total is in the summary at the end
-            log.warning("sample %s: text has %d tokens, truncated to the text encoder's %d (words cut off get no "
-                        "map)", sample.id, n_tokens, max_tokens)
-    return image, text, ""
+        return Loaded(index, None, text, f"unreadable image: {err}", None)
+    return Loaded(index, image, text, "", vocabulary.check(text))
+
+
+class LoadedSamples(torch.utils.data.Dataset):
+    """A process's samples to do, item i loaded by `_load` where the DataLoader asks for it (in a worker process
+    when it has workers). Only reads: the counts and the failures are kept by the process that iterates."""
+
+    def __init__(self, samples: list[Sample], text_source: str, vocabulary: VocabularyReport):
+        self.samples, self.text_source, self.vocabulary = samples, text_source, vocabulary
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Loaded:
+        return _load(i, self.samples[i], self.text_source, self.vocabulary)
+
+
+def _loader(samples: list[Sample], cfg: ExtractConfig, vocabulary: VocabularyReport) -> torch.utils.data.DataLoader:
+    """Batches (lists of `cfg.batch_size` Loaded, in the order of `samples`) loaded by `cfg.num_workers` workers
+    ahead of the main loop; no more workers than batches."""
+    batches = -(-len(samples) // cfg.batch_size)
+    return torch.utils.data.DataLoader(LoadedSamples(samples, cfg.text, vocabulary), batch_size=cfg.batch_size,
+                                       num_workers=min(cfg.num_workers, batches), collate_fn=list)
 
 
 def _merge_failures(root: Path, done: set[str]) -> int:
@@ -351,7 +428,9 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
     """Extract targets for every sample of `cfg.data` not yet in the store at `cfg.out`.
 
     Under `accelerate launch` each process takes every N-th remaining sample; the main
-    process writes the index once all are done.
+    process writes the index once all are done. Each process's images are opened, decoded and checked by
+    `cfg.num_workers` DataLoader workers while its teacher runs; results, failures and the vocabulary report
+    do not depend on the number of workers.
     """
     from accelerate import PartialState
 
@@ -408,21 +487,26 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
             fail(record.id, record.problem, record=True)
         bar = tqdm(total=len(todo), desc=f"extract[{rank}]" if world > 1 else "extract", unit="img",
                    disable=not is_main and world > 1)
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start : start + cfg.batch_size]
-            ok: list[tuple[Sample, Image.Image, str]] = []
-            for sample in batch:
-                image, text, reason = _load(sample, cfg.text, extractor.max_length, vocabulary)
-                if reason:
-                    log.warning("skipping sample %s: %s", sample.id, reason)
-                    fail(sample.id, reason)
-                else:
-                    ok.append((sample, image, text))
+        for batch in _loader(todo, cfg, vocabulary):
+            ok: list[tuple[Sample, Loaded]] = []
+            for item in batch:
+                sample = todo[item.index]
+                if item.reason:
+                    log.warning("skipping sample %s: %s", sample.id, item.reason)
+                    fail(sample.id, item.reason)
+                    continue
+                vocabulary.count(item.check)
+                if item.check.tokens > extractor.max_length:
+                    vocabulary.truncated += 1
+                    if vocabulary.truncated <= 3:  # a few by name; the total is in the summary at the end
+                        log.warning("sample %s: text has %d tokens, truncated to the text encoder's %d (words cut "
+                                    "off get no map)", sample.id, item.check.tokens, extractor.max_length)
+                ok.append((sample, item))
             if ok:
-                results = extractor([im for _, im, _ in ok], [t for _, _, t in ok])
-                for (sample, image, _), maps in zip(ok, results):
+                results = extractor([item.image for _, item in ok], [item.text for _, item in ok])
+                for (sample, item), maps in zip(ok, results):
                     if maps:
-                        writer.add(sample.id, maps, image_size=image.size, ranges=maps.ranges)
+                        writer.add(sample.id, maps, image_size=item.image.size, ranges=maps.ranges)
                     else:
                         fail(sample.id, f"no words in its {cfg.text}")
             bar.update(len(batch))
