@@ -184,11 +184,15 @@ class Extractor:
     """Holds a teacher and turns batches of (image, text) into per-word maps of the whole image.
 
     `teacher` is a `TeacherAdapter` or a loaded diffusers pipeline, whose adapter is then chosen by its class.
-    Raises ValueError for a pipeline without an adapter or one its adapter refuses.
+    Raises ValueError for a pipeline without an adapter or one its adapter refuses, and for `mask_padding` with a
+    teacher that cannot hide padding.
     """
 
     def __init__(self, cfg: ExtractConfig, teacher: TeacherAdapter | Any, mask_padding: bool):
         self.teacher = teacher if isinstance(teacher, TeacherAdapter) else teacher_for(teacher)
+        if mask_padding and not self.teacher.can_mask_padding:
+            raise ValueError(f"a {self.teacher.family} teacher attends to every text position (its pipeline hides no "
+                             "padding); use --mask-padding no")
         self.cfg, self.pipe, self.mask_padding = cfg, self.teacher.pipe, mask_padding
         self.device, self.dtype = self.teacher.device, self.teacher.dtype
         self.image_size = cfg.image_size or self.teacher.native_size
