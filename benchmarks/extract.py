@@ -38,12 +38,23 @@ def model_dir(name: str, scratch: Path) -> str:
         from lavender.world.demo import shipped_teacher
 
         return str(shipped_teacher())
-    if name == "sd14-small":
-        from lavender.world.tiny import tiny_pipeline
+    small = {  # scaled-down models of each family at 512 px (VAE downsampling by 8, 64 x 64 latents)
+        "sd14-small": lambda out: tiny.tiny_pipeline(out, sd14_like=True, text_width=64, max_length=77,
+                                                     sample_size=64),
+        "pixart-small": lambda out: tiny.tiny_pixart(out, heads=3, head_dim=32, layers=4, sample_size=64,
+                                                     t5_width=64, max_length=120, downsample=8),
+        "sd3-small": lambda out: tiny.tiny_sd3(out, heads=4, head_dim=32, layers=4, sample_size=64,
+                                               clip_widths=(32, 32), t5_width=64, clip_length=77, t5_length=77,
+                                               downsample=8),
+        "flux-small": lambda out: tiny.tiny_flux(out, heads=4, head_dim=32, double=2, single=4, clip_width=32,
+                                                 t5_width=64, clip_length=77, t5_length=128, downsample=8),
+    }
+    if name in small:
+        from lavender.world import tiny
 
-        out = scratch / "sd14-small"
+        out = scratch / name
         if not (out / "model_index.json").exists():
-            tiny_pipeline(out, sd14_like=True, text_width=64, max_length=77, sample_size=64)
+            small[name](out)
         return str(out)
     return name
 
@@ -85,7 +96,8 @@ def build(model: str, presets: list[str]) -> dict[str, Extractor]:
     pipe = load_pipeline(ExtractConfig(diffusion=model, device="cpu"), torch.device("cpu"))
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    if hasattr(pipe, "unet"):  # the UNet families' fused processor (the transformers keep their own)
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
     from lavender.diffusion.extract import sidecar
 
     mask_padding = sidecar(model).get("mask_padding", False)
@@ -162,7 +174,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=["teacher", "sd14-small"],
-                        help="'teacher', 'sd14-small' or pipeline directories")
+                        help="teacher, sd14-small, pixart-small, sd3-small, flux-small, or pipeline directories")
     parser.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)

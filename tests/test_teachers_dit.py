@@ -6,108 +6,30 @@ classes, saved, and loaded through `load_teacher`. The T5 tokenizers are unigram
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_teachers import TEXTS, RawRecorder, _hook_qk, _text_config, _tokenizers
+from test_teachers import TEXTS, RawRecorder, _hook_qk
 
 from lavender.diffusion.extract import ExtractConfig
 
 FAMILIES = ["pixart", "sd3", "sd3-no-t5", "flux"]
-WIDTH_T5 = 32
-
-
-def _t5(out: Path, max_length: int = 20):
-    from transformers import T5Config, T5EncoderModel
-
-    from lavender.world.scenes import world_vocabulary
-    from lavender.world.tokenizer import save_t5_tokenizer
-
-    tokenizer = save_t5_tokenizer([*world_vocabulary(), "circles"], out / "_t5", max_length)
-    encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=WIDTH_T5, d_kv=8, d_ff=64, num_layers=2,
-                                      num_heads=4, pad_token_id=tokenizer.pad_token_id,
-                                      eos_token_id=tokenizer.eos_token_id))
-    return tokenizer, encoder
-
-
-def _vae(channels: int = 4, **kwargs):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=channels, block_out_channels=(16, 32),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         layers_per_block=1, norm_num_groups=8, **kwargs)
-
-
-def save_tiny_pixart(out: Path) -> Path:
-    """A PixArtAlphaPipeline: T5 encoder, a 2-block transformer with size conditioning and a learned variance, a DDIM
-    scheduler on SD's betas."""
-    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
-
-    torch.manual_seed(0)
-    tokenizer, encoder = _t5(out)
-    transformer = PixArtTransformer2DModel(
-        sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, in_channels=4,
-        out_channels=8, cross_attention_dim=24, caption_channels=WIDTH_T5, attention_bias=True,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=True)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
-    PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=_vae(), transformer=transformer,
-                        scheduler=scheduler).save_pretrained(out)
-    return out
-
-
-def save_tiny_sd3(out: Path) -> Path:
-    """A StableDiffusion3Pipeline: two CLIPTextModelWithProjection (8 and 16 wide), T5, a 2-block MMDiT
-    with RMS q/k norms and SD3.5's extra self-attention in block 0, a VAE with a shift factor, shift 3."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection
-
-    torch.manual_seed(0)
-    tokenizer, tokenizer_2 = _tokenizers(out)
-    encoder = CLIPTextModelWithProjection(_text_config(tokenizer, 8, projection_dim=8))
-    encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, 16, projection_dim=8, hidden_act="gelu"))
-    tokenizer_3, encoder_3 = _t5(out)
-    transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=WIDTH_T5, caption_projection_dim=32, pooled_projection_dim=16,
-        pos_embed_max_size=24, qk_norm="rms_norm", dual_attention_layers=(0,))
-    StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(shift_factor=0.1, scaling_factor=1.5), text_encoder=encoder, tokenizer=tokenizer,
-        text_encoder_2=encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=encoder_3,
-        tokenizer_3=tokenizer_3).save_pretrained(out)
-    return out
-
-
-def save_tiny_flux(out: Path) -> Path:
-    """A FluxPipeline: CLIPTextModel (pooled, 16 wide), T5, one double- and two single-stream blocks with rotary
-    axes (2, 2, 4), a guidance embedding (as FLUX.1-dev), and a dynamically shifted flow-matching scheduler."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel
-
-    torch.manual_seed(0)
-    tokenizer, _ = _tokenizers(out)
-    encoder = CLIPTextModel(_text_config(tokenizer, 16))
-    tokenizer_2, encoder_2 = _t5(out)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=WIDTH_T5, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
-    FluxPipeline(scheduler=scheduler, vae=_vae(), text_encoder=encoder, tokenizer=tokenizer,
-                 text_encoder_2=encoder_2, tokenizer_2=tokenizer_2, transformer=transformer).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory) -> dict[str, str]:
+    """Tiny random pipelines of each family (`lavender.world.tiny`): PixArt-alpha with size conditioning and a
+    learned variance; SD3 with two CLIPs (8 and 16 wide) and T5, RMS q/k norms and SD3.5's extra self-attention in
+    block 0, a VAE with a shift factor; Flux with one double- and two single-stream blocks, rotary axes (2, 2, 4)
+    and a guidance embedding. Built with the `extra_words` "circles"."""
+    from lavender.world.tiny import tiny_flux, tiny_pixart, tiny_sd3
+
     root = tmp_path_factory.mktemp("dit-teachers")
-    sd3 = str(save_tiny_sd3(root / "sd3"))
-    return {"pixart": str(save_tiny_pixart(root / "pixart")), "sd3": sd3, "sd3-no-t5": sd3,
-            "flux": str(save_tiny_flux(root / "flux"))}
+    sd3 = str(tiny_sd3(root / "sd3", extra_words=("circles",)))
+    return {"pixart": str(tiny_pixart(root / "pixart", extra_words=("circles",))), "sd3": sd3, "sd3-no-t5": sd3,
+            "flux": str(tiny_flux(root / "flux", extra_words=("circles",)))}
 
 
 def _load(family: str, pipelines: dict[str, str], **kwargs):
