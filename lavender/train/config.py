@@ -91,8 +91,10 @@ class TrainConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_targets: str = field(default=r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj)", metadata={
-        "help": "regex over module names that get LoRA (default: the language model's attention projections)"})
+    lora_targets: str = field(
+        default=r".*(language_model|text_model|gated_cross_attn_layers).*\.(q_proj|k_proj|v_proj|o_proj)",
+        metadata={"help": "regex over module names that get LoRA (default: the language model's attention "
+                          "projections; IDEFICS v1: its gated cross-attention blocks')"})
     train_language: bool = field(default=True, metadata={
         "help": "train the language model (LoRA or full); --no-train-language with --no-lora trains only what "
                 "--train-vision/--train-projector open, e.g. LLaVA-1.5's projector pretraining"})

@@ -43,7 +43,7 @@ NO_ANSWER = "no answer: no assistant turn has text"  # why a sample with nothing
 TARGET_TOLERANCE = 1e-3  # stage-1 maps are min-max normalised: [0, 1] up to storage rounding
 # per-sample tensors laid out along the sequence, padded by the collator with these values
 SEQUENCE_PAD = {"input_ids": None, "attention_mask": 0, "labels": IGNORE, "cross_attention_mask": 0,
-                "mm_token_type_ids": 0, "token_type_ids": 0}
+                "mm_token_type_ids": 0, "token_type_ids": 0, "image_attention_mask": 0}
 # inputs a processor packs for a whole batch along another dimension than the first, found by the input beside them:
 # MiniCPM-V's image processors lay every crop of a batch side by side in one (1, C, patch, patches * patch) strip of
 # NaViT patches (the model reads only `pixel_values[:1]`), each crop's patch grid a row of `target_sizes`

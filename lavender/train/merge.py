@@ -18,14 +18,16 @@ def load_trained(path: str | Path, base: str = ""):
     config = path / "adapter_config.json"
     if not config.exists() and (path / "final").is_dir() and not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is a `lavender train` run directory; the trained model is {path / 'final'}")
+    from lavender.vlm.base import chat_processor
+
     if not config.exists():
-        return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
+        return AutoModelForImageTextToText.from_pretrained(path), chat_processor(AutoProcessor.from_pretrained(path))
     from peft import PeftModel
 
     base = base or json.loads(config.read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), str(path))
     has_processor = (path / "processor_config.json").exists()
-    return model.merge_and_unload(), AutoProcessor.from_pretrained(path if has_processor else base)
+    return model.merge_and_unload(), chat_processor(AutoProcessor.from_pretrained(path if has_processor else base))
 
 
 def merge_adapter(adapter: str | Path, out: str | Path, base: str = "", overwrite: bool = False) -> Path:

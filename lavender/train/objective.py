@@ -63,7 +63,7 @@ def default_layers(adapter: VLMAdapter, aggregation: str) -> list[int]:
     alignable = adapter.alignable_layers()
     if aggregation != "learn":
         return alignable
-    total = adapter.model.config.text_config.num_hidden_layers
+    total = adapter.model.config.get_text_config().num_hidden_layers
     count = max(1, round(total / LEARN_SHARE))
     if count >= len(alignable):
         return alignable

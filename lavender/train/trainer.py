@@ -129,10 +129,13 @@ def keep_trainable_in_float32(model: nn.Module) -> int:
 
 
 def load_processor(name: str, chat_template: str = ""):
-    """The processor of `name`, with `chat_template` (see `read_chat_template`) set on it if given."""
+    """The processor of `name`, ready for rendered chats (`chat_processor`), with `chat_template` (see
+    `read_chat_template`) set on it if given."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(name)
+    from lavender.vlm.base import chat_processor
+
+    processor = chat_processor(AutoProcessor.from_pretrained(name))
     if chat_template:
         processor.chat_template = read_chat_template(chat_template)
     return processor

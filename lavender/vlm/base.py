@@ -176,9 +176,6 @@ def supported_model_types() -> list[str]:
 
 # Families people fine-tune that have no adapter yet, and what one would have to know (docs/vlm.md, support table).
 NOT_YET = {
-    "idefics": "IDEFICS v1, the Flamingo architecture (gated cross-attention to Perceiver latents): the latents have "
-               "no place on the image; with use_resampler=False the patches would map directly, with it only an "
-               "attention-rollout approximation (docs/other-families.md) could, and neither is written",
     "paligemma": "PaliGemma (a prefix of image tokens with full attention inside the prefix): not written",
 }
 
@@ -196,9 +193,19 @@ def adapter_for(model: torch.nn.Module) -> VLMAdapter:
     return _ADAPTERS[model_type](base)
 
 
+def chat_processor(processor):
+    """`processor` ready for rendered chats with image placeholders, as the data pipeline and generation call it:
+    IDEFICS v1's stock processor appends every image after the text, so it becomes an `IdeficsChatProcessor`
+    (`lavender/vlm/idefics.py`); every other processor is returned as it is."""
+    from lavender.vlm.idefics import as_chat_processor
+
+    return as_chat_processor(processor)
+
+
 def _load_builtin() -> None:
     from lavender.vlm import (  # noqa: F401 (registers)
         gemma3,
+        idefics,
         idefics3,
         internvl,
         llava,
