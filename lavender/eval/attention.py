@@ -5,6 +5,8 @@ the VLM's aggregated attention — raw (min-max normalised) or through a trained
 store like stage 1's, so `lavender eval grounding` scores it against word masks the same way, and the
 grounding of a VLM before and after Lavender is comparable with the teacher's. Its maps cover the whole
 image (frame "full"): the part the VLM sees is drawn where it lies, and the rest (a centre crop's sides) is 0.
+A multi-image sample's maps are written per image under the image keys of stage 1 ("<id>#image<k>") for a family
+that takes several images (LLaVA); for the others such samples are left out, counted in one warning.
 
 For raw maps the store also keeps, per map, its minimum and maximum before min-max normalisation and, per
 sample, the part of the image the VLM sees (its "view"), so that `AttentionTargets.distributions` gives the
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 from lavender.align.aligner import AlignerConfig
 from lavender.align.config import ALIGNER_DIR, WEIGHTS_NAME, AlignmentConfig, load_alignment_config
 from lavender.data.frame import FULL, resample
+from lavender.data.samples import image_key
 from lavender.data.targets import TargetsWriter, write_index, write_store_info
 from lavender.train.data import Collator, StageTwoDataset
 from lavender.train.merge import load_trained
@@ -114,7 +117,8 @@ def write_attention_store(cfg: AttentionMapsConfig) -> Path:
         rows = {"instruction": trained.instruction, "match": trained.match, "position": trained.position}
     data = StageTwoDataset.from_paths(
         cfg.data, processor, adapter.image_token_id, cfg.targets, cfg.image_root, cfg.limit, max_length=4096,
-        view=type(adapter).image_view, **rows)
+        view=type(adapter).image_view, several_images=adapter.several_images, family=f"the {adapter.family} adapter",
+        **rows)
     if trained is not None and data.text_source != trained.text:
         log.warning("%s holds maps of the %s, but %s was trained on maps of the %s", cfg.targets, data.text_source,
                     cfg.adapter, trained.text)
@@ -125,8 +129,10 @@ def write_attention_store(cfg: AttentionMapsConfig) -> Path:
         inputs = {k: v for k, v in batch.inputs.items() if k != "labels"}
         with alignment.capture(batch) as captured:
             model(**inputs)
-        per_sample: dict[int, dict[str, list[torch.Tensor]]] = {b: {} for b in range(len(batch.sample_ids))}
-        ranges: dict[int, dict[str, list[tuple[float, float]]]] = {b: {} for b in per_sample}
+        # per (sample, image) of the batch: the maps of each word, and their ranges
+        per_sample: dict[tuple[int, int], dict[str, list[torch.Tensor]]] = {
+            (b, k): {} for b in range(len(batch.sample_ids)) for k in range(len(batch.image_views[b]) or 1)}
+        ranges: dict[tuple[int, int], dict[str, list[tuple[float, float]]]] = {b: {} for b in per_sample}
         if batch.words:
             maps, order = alignment.word_maps(captured, batch)
             if cfg.aligner:
@@ -136,18 +142,19 @@ def write_attention_store(cfg: AttentionMapsConfig) -> Path:
                 lows, highs = raw.flatten(1).min(dim=1).values.tolist(), raw.flatten(1).max(dim=1).values.tolist()
                 pictures = min_max(raw)
             for k, (picture, i) in enumerate(zip(pictures, order)):
-                b = int(batch.word_sample[i])
+                at = (int(batch.word_sample[i]), batch.words[i].image)
                 # drawn back onto the whole image: cells the VLM does not see (a centre crop's sides) stay 0
-                picture = resample(picture, FULL, picture.shape[-1], dst=batch.image_boxes[b])
-                per_sample[b].setdefault(batch.words[i].word, []).append(picture)
+                picture = resample(picture, FULL, picture.shape[-1], dst=batch.image_box(*at))
+                per_sample[at].setdefault(batch.words[i].word, []).append(picture)
                 if lows is not None:
-                    ranges[b].setdefault(batch.words[i].word, []).append((lows[k], highs[k]))
-        for b, words in per_sample.items():
+                    ranges[at].setdefault(batch.words[i].word, []).append((lows[k], highs[k]))
+        for (b, image), words in per_sample.items():
             sample_id = batch.sample_ids[b]
-            kept = None if cfg.aligner else {w: occurrence_range(r) for w, r in ranges[b].items()}
-            writer.add(sample_id, {w: torch.stack(m).mean(0) for w, m in words.items()},
-                       image_size=data.targets.image_size(sample_id) if sample_id in data.targets else None,
-                       ranges=kept, view=None if cfg.aligner else batch.image_boxes[b])
+            key = image_key(sample_id, image) if batch.image_views[b] else sample_id
+            kept = None if cfg.aligner else {w: occurrence_range(r) for w, r in ranges[b, image].items()}
+            writer.add(key, {w: torch.stack(m).mean(0) for w, m in words.items()},
+                       image_size=data.targets.image_size(key) if key in data.targets else None,
+                       ranges=kept, view=None if cfg.aligner else batch.image_box(b, image))
     writer.flush()
     settings = {"resolution": data.targets.resolution, "text": data.text_source, "aligner": cfg.aligner,
                 "aggregation": alignment.aggregation, "layers": alignment.layers, "frame": "full"}

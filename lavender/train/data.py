@@ -4,9 +4,11 @@ A sample becomes a chat (its own turns, or the instruction and its caption), ren
 chat template; system turns come first as they are, the image sits in the first user turn and every
 assistant turn with text is a label. The text the stage-1 store was built from (caption, question, or both)
 is found in the rendering, its words are matched to the VLM's tokens by character offsets and paired with the
-store's maps. A sample with nothing to answer is refused up front (`Refusal`, like the records the reader
-refuses); anything else wrong with one sample (a missing or corrupt image, a missing, mis-shaped or invalid
-map, an over-long text) is counted, never fatal.
+store's maps. A multi-image sample (LLaVA only, `several_images`) puts its images in order at the start of
+the first user turn, and each matched word is aligned once per image that has a map of it (`AlignedWord.image`),
+against that image's map (store key `Sample.target_keys[k]`). A sample with nothing to answer is refused up
+front (`Refusal`, like the records the reader refuses); anything else wrong with one sample (a missing or corrupt
+image, a missing, mis-shaped or invalid map, an over-long text) is counted, never fatal.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -71,6 +73,7 @@ class AlignedWord:
     rows: tuple[int, ...]  # query positions of the word (or of the tokens predicting it)
     weights: tuple[float, ...]  # r_t = t / N_text of each row, for the flow aggregations
     target: torch.Tensor  # (R, R) stage-1 map
+    image: int = 0  # which of the sample's images the map is of (0 for a single-image sample)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class Encoded:
     events: Counter = field(default_factory=Counter)  # what went wrong or was adjusted, for the logs
     view: CommonView | None = None  # the part of the image both the targets and the VLM's plane describe
     pixels: torch.Tensor | None = None  # (3, R, R) in [-1, 1]: the VLM's image plane, for DS-VLM's reconstruction
+    image_views: list[CommonView | None] = field(default_factory=list)  # multi-image samples: `view` per image
 
 
 def plane_image(image, view: ImageView, size: int) -> torch.Tensor:
@@ -172,8 +176,8 @@ def valid_target(target: np.ndarray, tolerance: float = TARGET_TOLERANCE) -> boo
 
 
 def chat(sample: Sample, instruction: str) -> list[dict]:
-    """The sample's turns as chat messages (system turns included, as they are), the image in the first
-    user turn."""
+    """The sample's turns as chat messages (system turns included, as they are), the image (every image, in
+    order) at the start of the first user turn."""
     turns = conversation(sample, instruction)
     first = next((i for i, (role, _) in enumerate(turns) if role != "system"), len(turns))
     if first == len(turns) or turns[first][0] != "user":  # no user turn to hold the image: the instruction's
@@ -182,7 +186,7 @@ def chat(sample: Sample, instruction: str) -> list[dict]:
     for role, text in turns:
         content = [{"type": "text", "text": text}]
         if role == "user" and not image_placed:
-            content.insert(0, {"type": "image"})
+            content[:0] = [{"type": "image"} for _ in range(sample.n_images)]
             image_placed = True
         messages.append({"role": role, "content": content})
     return messages
@@ -313,18 +317,40 @@ def _share(part: int, whole: int) -> str:
     return f"{100 * part / whole:.0f}%" if whole else "-"
 
 
+def split_several_images(samples: list[Sample], supported: bool, family: str = "") -> tuple[list[Sample],
+                                                                                          list[Refusal]]:
+    """The samples, and a refusal (kind "several images", naming the sample) for each multi-image one unless the
+    VLM family takes several images per sample (`supported`, `VLMAdapter.several_images`); `family` names what
+    takes one image (e.g. "the qwen2_vl adapter") in the reason. One warning counts them."""
+    if supported:
+        return samples, []
+    kept, refused = [], []
+    for sample in samples:
+        if sample.n_images > 1:
+            refused.append(Refusal(sample.id, f"several images: sample {sample.id} has {sample.n_images} images; "
+                                              f"{family or 'this VLM family'} takes one image per sample"))
+        else:
+            kept.append(sample)
+    if refused:
+        log.warning("%d samples with several images left out (%s ...): %s", len(refused),
+                    ", ".join(r.id for r in refused[:3]), refused[0].reason.split("; ", 1)[1])
+    return kept, refused
+
+
 class StageTwoDataset(Dataset):
     """Encodes samples for stage 2 on access (so a DataLoader's workers share the work).
 
     Samples without an answer are refused here (kept in `refused` with the reader's refusals, counted in
-    `events`), so every index is a sample with something to train on."""
+    `events`), so every index is a sample with something to train on; so are samples of several images unless
+    `several_images` says the VLM family (`family`, for the message) takes them."""
 
     def __init__(self, samples: list[Sample], processor, image_token_id: int, targets: AttentionTargets | None,
                  instruction: str, max_length: int, match: str = "exact", position: str = "input",
                  retries: int = 16, refused: list[Refusal] | None = None, view: ViewFunction | None = None,
-                 plane_size: int = 0):
+                 plane_size: int = 0, several_images: bool = False, family: str = ""):
         samples, unanswered = split_answered(samples)
-        self.refused = [*(refused or []), *unanswered]
+        samples, several = split_several_images(samples, several_images, family)
+        self.refused = [*(refused or []), *unanswered, *several]
         # counted once, not per access; the trainer adds these to its running counts
         unanswered_count = sum(r.reason == NO_ANSWER for r in self.refused)
         self.events = Counter({"samples without an answer": unanswered_count} if unanswered_count else {})
@@ -381,15 +407,15 @@ class StageTwoDataset(Dataset):
                         "above for which samples and why")
 
     def _try(self, sample: Sample, events: Counter) -> Encoded | None:
-        """`sample` encoded, or None if its image or the processor fails (counted in `events`)."""
+        """`sample` encoded, or None if one of its images or the processor fails (counted in `events`)."""
         try:
-            image = sample.load_image()
+            images = sample.load_images()
         except (OSError, ValueError) as err:
             log.warning("skipping sample %s: %s", sample.id, err)
             events["unreadable images"] += 1
             return None
         try:
-            return self.encode(sample, image)
+            return self.encode(sample, images if sample.n_images > 1 else images[0])
         except ChatTemplateError:
             raise
         except (ValueError, RuntimeError, IndexError) as err:  # e.g. an image the processor cannot tile
@@ -398,12 +424,18 @@ class StageTwoDataset(Dataset):
             return None
 
     def encode(self, sample: Sample, image) -> Encoded:
-        """Inputs, labels and aligned words of one sample; empty inputs if it cannot be trained on."""
+        """Inputs, labels and aligned words of one sample; empty inputs if it cannot be trained on. `image` is the
+        sample's image (PIL), or the list of its images for a multi-image sample.
+
+        Raises ValueError for a multi-image sample with DS-VLM's image plane (`plane_size`), which takes one."""
         events: Counter = Counter()
+        images = image if isinstance(image, list) else [image]
+        if len(images) > 1 and self.plane_size:
+            raise ValueError(f"sample {sample.id}: DS-VLM takes one image per sample, not {len(images)}")
         messages = chat(sample, self.instruction)
         text, spans = label_spans(self.processor, messages)
         answered = [has_text(m["content"][-1]["text"]) for m in messages if m["role"] == "assistant"]
-        inputs = self.process(text, image)
+        inputs = self.process(text, images)
         replacements = inputs.pop("text_replacement_offsets", None)
         check_leading_bos(self.processor, text, inputs["input_ids"][0], inputs["offset_mapping"][0])
         truncated = inputs["input_ids"].shape[1] > self.max_length
@@ -431,19 +463,34 @@ class StageTwoDataset(Dataset):
             events[event] += 1
             return Encoded({}, sample.id, events=events)
         inputs["labels"] = labels[None]
+        if len(images) > 1:
+            return self._encode_images(sample, images, inputs, text, spans, offsets, real, events)
+        image = images[0]
         plane = self.plane_view(image.size, inputs) if self.plane_size or self.targets is not None else None
         pixels = plane_image(image, plane, self.plane_size) if self.plane_size else None
         if self.targets is None:
             return Encoded(inputs, sample.id, [], events, pixels=pixels)
         view = self.common_view(sample, image.size, plane, events)
-        words = self._align(sample, text, spans, offsets, real, events, view) if view is not None else []
+        words = self._align(sample, text, spans, offsets, real, events, [view]) if view is not None else []
         return Encoded(inputs, sample.id, words, events, view, pixels)
+
+    def _encode_images(self, sample: Sample, images: list, inputs: dict, text: str, spans: list[tuple[int, int]],
+                       offsets: torch.Tensor, real: torch.Tensor, events: Counter) -> Encoded:
+        """`encode`'s end for a multi-image sample: each image's view, and the words of every image with targets."""
+        if self.targets is None:
+            return Encoded(inputs, sample.id, [], events)
+        views = [self.common_view(sample, im.size, self.plane_view(im.size, inputs), events) for im in images]
+        words = (self._align(sample, text, spans, offsets, real, events, views)
+                 if any(v is not None for v in views) else [])
+        return Encoded(inputs, sample.id, words, events, image_views=views)
 
     def process(self, text: str, image) -> dict:
         """The processor's output for one sample, with character offsets and, where the processor reports them,
         the spans of the text it put in place of each image placeholder (`text_replacement_offsets`, which
-        transformers' processors give; a processor that takes no such option is asked without it)."""
-        kwargs = dict(text=[text], images=[[image]], return_tensors="pt", return_offsets_mapping=True,
+        transformers' processors give; a processor that takes no such option is asked without it). `image` is one
+        image or the list of a multi-image sample's."""
+        images = image if isinstance(image, list) else [image]
+        kwargs = dict(text=[text], images=[images], return_tensors="pt", return_offsets_mapping=True,
                       add_special_tokens=adds_special_tokens(self.processor, text))
         if self._replacements:
             try:
@@ -469,41 +516,50 @@ class StageTwoDataset(Dataset):
         return common
 
     def _align(self, sample: Sample, text: str, turns: list[tuple[int, int]], offsets: torch.Tensor,
-               real: torch.Tensor, events: Counter, view: CommonView) -> list[AlignedWord]:
-        if sample.id not in self.targets:
+               real: torch.Tensor, events: Counter, views: list[CommonView | None]) -> list[AlignedWord]:
+        """The matched words with their maps, per image k of the sample (store key `sample.target_keys[k]`) that
+        has targets and a view in common with the VLM (`views[k]`), in the order of the images."""
+        keys = sample.target_keys
+        if not any(key in self.targets for key in keys):
             events["samples without targets"] += 1
             return []
-        maps = self.targets[sample.id]
         resolution = self.targets.resolution
         text_places = torch.cumsum(real.long(), 0)  # 1-based place of each text token
         n_text = max(int(real.sum()), 1)
         spans = [(int(s), int(e)) if r else (0, 0) for (s, e), r in zip(offsets.tolist(), real.tolist())]
-        words, skipped = [], 0  # skipped: matches whose map cannot be used
         segments = aligned_segments(sample, self.text_source)
-        for role, segment in segments:
-            # a reply is looked for from the first assistant turn on, so a short answer is not found in the question
-            search_from = turns[0][0] if role == "assistant" and turns else 0
-            for match in match_words(text, spans, segment, list(maps), self.match, self.position, search_from):
-                target = maps[match.word]
-                if target.shape != (resolution, resolution):
-                    events["targets of the wrong shape"] += 1
-                    skipped += 1
-                    continue
-                if not valid_target(target):  # NaN, Inf or not normalised: bad data, like a missing map
-                    events["invalid targets"] += 1
-                    skipped += 1
-                    continue
-                weights = tuple(float(text_places[r]) / n_text for r in match.rows)
-                words.append(AlignedWord(match.word, match.rows, weights, cut_target(target, view)))
         in_text = sum(len(find_words(segment)) for _, segment in segments)
-        events["words without a target"] += max(in_text - len(words) - skipped, 0)
+        words = []
+        for image, (key, view) in enumerate(zip(keys, views)):
+            if key not in self.targets or view is None:
+                continue
+            maps = self.targets[key]
+            found, skipped = [], 0  # skipped: matches whose map cannot be used
+            for role, segment in segments:
+                # a reply is looked for from the first assistant turn on, so a short answer is not found in the
+                # question
+                search_from = turns[0][0] if role == "assistant" and turns else 0
+                for match in match_words(text, spans, segment, list(maps), self.match, self.position, search_from):
+                    target = maps[match.word]
+                    if target.shape != (resolution, resolution):
+                        events["targets of the wrong shape"] += 1
+                        skipped += 1
+                        continue
+                    if not valid_target(target):  # NaN, Inf or not normalised: bad data, like a missing map
+                        events["invalid targets"] += 1
+                        skipped += 1
+                        continue
+                    weights = tuple(float(text_places[r]) / n_text for r in match.rows)
+                    found.append(AlignedWord(match.word, match.rows, weights, cut_target(target, view), image))
+            events["words without a target"] += max(in_text - len(found) - skipped, 0)
+            words += found
         return words
 
     def coverage(self, probe: int = 32) -> Coverage:
         """How many samples the store holds (by id) and, by encoding up to `probe` samples spread evenly over
         the data (those with targets, if there is a store), how many can be used at all and how many of their
         store words are found in their text. Cheap: one id lookup per sample, `probe` encodings."""
-        held = [s for s in self.samples if self.targets is not None and s.id in self.targets]
+        held = [s for s in self.samples if self.targets is not None and any(k in self.targets for k in s.target_keys)]
         found = Coverage(len(self.samples), len(held), has_store=self.targets is not None)
         pool = held if self.targets is not None else self.samples
         for sample in pool[:: max(len(pool) // probe, 1)][:probe]:
@@ -517,8 +573,9 @@ class StageTwoDataset(Dataset):
                 continue
             found.probed += 1
             if self.targets is not None:
-                found.target_words += len(set(self.targets.words(sample.id)))
-                found.matched_words += len({w.word for w in encoded.words})
+                found.target_words += sum(len(set(self.targets.words(key))) for key in sample.target_keys
+                                          if key in self.targets)  # per image of a multi-image sample
+                found.matched_words += len({(w.image, w.word) for w in encoded.words})
                 found.unusable_maps += encoded.events["invalid targets"] + encoded.events["targets of the wrong shape"]
         return found
 
@@ -532,12 +589,30 @@ class Batch:
     sample_ids: list[str] = field(default_factory=list)
     views: list[CommonView | None] = field(default_factory=list)  # per sample, as `Encoded.view`
     pixels: torch.Tensor | None = None  # (B, 3, R, R), as `Encoded.pixels`
+    image_views: list[list[CommonView | None]] = field(default_factory=list)  # per sample, `Encoded.image_views`
 
     def to(self, device: torch.device | str, **kwargs) -> Batch:
         inputs = {k: v.to(device, **kwargs) for k, v in self.inputs.items()}
-        words = [AlignedWord(w.word, w.rows, w.weights, w.target.to(device, **kwargs)) for w in self.words]
+        words = [replace(w, target=w.target.to(device, **kwargs)) for w in self.words]
         pixels = None if self.pixels is None else self.pixels.to(device, **kwargs)
-        return Batch(inputs, words, self.word_sample, self.events, self.sample_ids, self.views, pixels)
+        return Batch(inputs, words, self.word_sample, self.events, self.sample_ids, self.views, pixels,
+                     self.image_views)
+
+    def view(self, b: int, image: int = 0) -> CommonView | None:
+        """The view of sample b's image `image`: `views[b]`, or for a multi-image sample `image_views[b][image]`."""
+        if self.image_views and self.image_views[b]:
+            return self.image_views[b][image]
+        return self.views[b]
+
+    def plane_box(self, b: int, image: int = 0) -> Box:
+        """The rectangle of the VLM's plane of sample b's image `image` its target is compared on."""
+        view = self.view(b, image)
+        return FULL if view is None else view.in_plane
+
+    def image_box(self, b: int, image: int = 0) -> Box:
+        """The rectangle of sample b's original image `image` that comparison covers."""
+        view = self.view(b, image)
+        return FULL if view is None else view.image
 
     @property
     def plane_boxes(self) -> list[Box]:
@@ -585,4 +660,5 @@ class Collator:
         sample = torch.tensor([b for b, e in enumerate(encoded) for _ in e.words], dtype=torch.long)
         events = sum((e.events for e in encoded), Counter())
         pixels = torch.stack([e.pixels for e in encoded]) if encoded[0].pixels is not None else None
-        return Batch(inputs, words, sample, events, [e.sample_id for e in encoded], [e.view for e in encoded], pixels)
+        return Batch(inputs, words, sample, events, [e.sample_id for e in encoded], [e.view for e in encoded], pixels,
+                     [e.image_views for e in encoded])

@@ -121,14 +121,18 @@ class AttentionAlignment(nn.Module):
     def word_maps(self, captured: dict[int, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, list[int]]:
         """Aggregated attention of every word over the part of its image that its target covers too (the
         sample's `plane_box` of the VLM's plane), resampled to the targets' resolution: (words, maps, channels,
-        R, R), and the batch index of each word in that order (words are grouped by sample)."""
+        R, R), and the batch index of each word in that order (words are grouped by sample, then by image).
+
+        A word of a multi-image sample appears once per image with a target (`AlignedWord.image`); each takes
+        the word's attention to that image's keys only (`VLMAdapter.to_images`) and that image's `plane_box`."""
         r = self.aligner.cfg.resolution
-        planes = [self.adapter.to_image(captured[layer], batch.inputs) for layer in self.layers]
+        planes = [self.adapter.to_images(captured[layer], batch.inputs) for layer in self.layers]
         width = captured[self.layers[0]].shape[2]  # rows captured per sample
         owner = batch.word_sample.tolist()
+        images = [w.image for w in batch.words]
         inputs, order = [], []
-        for b in sorted(set(owner)):  # one pass per sample: its image plane may differ from the others'
-            words = [i for i, o in enumerate(owner) if o == b]
+        for b, k in sorted(set(zip(owner, images))):  # one pass per image: its plane may differ from the others'
+            words = [i for i, (o, m) in enumerate(zip(owner, images)) if (o, m) == (b, k)]
             index = self.row_index[b]
             mixing = torch.zeros(len(words), width)
             weights = torch.zeros(width)
@@ -136,9 +140,9 @@ class AttentionAlignment(nn.Module):
                 for row, weight in zip(batch.words[i].rows, batch.words[i].weights):
                     mixing[j, index[row]] = 1 / len(batch.words[i].rows)
                     weights[index[row]] = weight
-            attention = torch.stack([plane[b] for plane in planes]).float()  # (layers, heads, rows, h, w)
+            attention = torch.stack([plane[b][k] for plane in planes]).float()  # (layers, heads, rows, h, w)
             maps = aggregate(attention, mixing, self.aggregation, weights)  # (words, maps, channels, h, w)
-            box = batch.plane_boxes[b] if batch.plane_boxes else FULL
+            box = batch.plane_box(b, k) if batch.views else FULL
             resized = resample(maps.flatten(0, 1), box, r)  # (words * maps, channels, R, R)
             inputs.append(resized.view(*maps.shape[:3], r, r))
             order += words

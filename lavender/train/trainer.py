@@ -492,17 +492,22 @@ class Trainer:
         # the checks that need no model come first
         self.processor = load_processor(cfg.model, cfg.chat_template)
         samples, refused = read_training_samples(cfg.data, cfg.image_root, cfg.limit)
-        self._report_refused(refused)
         if not samples:
+            self._report_refused(refused)
             raise NoSamplesError(cfg.data, refused)
-        check_chat_template(self.processor, cfg.model, samples[0], cfg.instruction)
+        # a single-image sample if there is one: the family may not take several
+        check_chat_template(self.processor, cfg.model, min(samples, key=lambda s: s.n_images), cfg.instruction)
         store = AttentionTargets(cfg.targets) if cfg.aligns else None
         model = load_model(cfg.model, cfg.dtype)
         family = adapter_for(model)
         self.dataset = StageTwoDataset(
             samples, self.processor, family.image_token_id, store, instruction=cfg.instruction,
             max_length=cfg.max_length, match=cfg.match, position=cfg.align_position, refused=refused,
-            view=type(family).image_view)
+            view=type(family).image_view, several_images=family.several_images and not cfg.reconstructs,
+            family="DS-VLM" if cfg.reconstructs else f"the {family.family} adapter")
+        self._report_refused(self.dataset.refused)  # the reader's refusals and the dataset's (several images)
+        if not self.dataset.samples:
+            raise NoSamplesError(cfg.data, self.dataset.refused)
         self._check_coverage()
         resolution = self.dataset.targets.resolution if self.dataset.targets is not None else 32
         model = select_parameters(model, cfg)

@@ -98,6 +98,15 @@ class VLMAdapter(ABC):
     def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
         """(B, heads, R, keys) -> per sample (heads, R, h, w) on that sample's image plane."""
 
+    several_images: ClassVar[bool] = False  # whether alignment takes samples of several images (`to_images`)
+
+    def to_images(self, probs: torch.Tensor, batch: dict) -> list[list[torch.Tensor]]:
+        """(B, heads, R, keys) -> per sample, per image in order, (heads, R, h, w) on that image's plane.
+
+        A family that does not take several images per sample (`several_images` False) has one image each:
+        `to_image`'s planes, which raise a `ValueError` for a sample with several."""
+        return [[plane] for plane in self.to_image(probs, batch)]
+
     @classmethod
     @abstractmethod
     def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:

@@ -8,6 +8,10 @@ Image frame: LLaVA-1.5's CLIP image processor resizes the shorter side and centr
 shows only the middle of a non-square image (`clip_view`); with `do_pad` (LLaVA's own image processor) it first
 pads the image to a square, and then the plane holds padding bands instead.
 
+Several images per sample: each `<image>` placeholder expands to its own G*G image tokens, filled with its image's
+features in order, so `to_images` cuts a sample's image tokens into runs of G*G, one plane per image (adjacent runs
+included). DS-VLM takes one image per sample.
+
 Capture and `learn`: see `SelfAttentionAdapter`; the text model's rotary embedding is Llama's rotate-half
 `apply_rotary_pos_emb` (also that of the Mistral, Qwen2 and Vicuna backbones LLaVA checkpoints use).
 """
@@ -72,6 +76,22 @@ class LlavaAdapter(SelfAttentionAdapter):
     def image_planes(self, batch: dict) -> list[tuple[int, int]]:
         grid = patch_grid(self.model)
         return [(grid, grid)] * batch["input_ids"].shape[0]
+
+    several_images = True
+
+    def to_images(self, probs: torch.Tensor, batch: dict) -> list[list[torch.Tensor]]:
+        """(B, heads, R, S) -> per sample, per image, (heads, R, G, G): image k is the k-th run of G*G image tokens.
+
+        Raises ValueError for a sample whose image tokens are none or not a whole number of runs."""
+        grid = patch_grid(self.model)
+        out = []
+        for b, is_image in enumerate(batch["input_ids"] == self.image_token_id):
+            positions = is_image.nonzero().squeeze(-1)  # (k * G * G,)
+            if positions.numel() == 0 or positions.numel() % (grid * grid):
+                raise ValueError(f"sample {b} has {positions.numel()} image tokens, not a multiple of the "
+                                 f"{grid * grid} of one image")
+            out.append([keys_to_plane(probs[b], run, grid, grid) for run in positions.split(grid * grid)])
+        return out
 
     @classmethod
     def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:
