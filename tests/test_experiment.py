@@ -4,6 +4,7 @@ without retraining, and intermediate checkpoints load as the weights they hold."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,32 @@ def test_dsvlm_arms_train_the_shipped_llava_and_show_reconstructions(study):
     assert results["summary"]["differences"]["dsvlm"]["baseline"] == "llava-ar"
     assert (report.parent / "figures" / "reconstructions.png").exists()
     assert "reconstructions.png" in report.read_text()
+
+
+def test_lavender_fast_trains_on_targets_from_two_teacher_passes(study):
+    """`lavender-fast` is `lavender` with the teacher's training targets extracted at 1 inversion + 1 denoising
+    step: the study makes that store next to the 15-pass one only when the arm is asked for, the arm trains on it
+    with everything else as `lavender`, and the report compares it with `ar` and with `lavender`."""
+    cfg, _ = study
+    fast = Path(cfg.out) / "targets-1+1" / "train"
+    assert not fast.exists()  # the study so far asked for no arm that reads it
+    more = ExperimentConfig(**{**cfg.__dict__, "arms": ("ar", "lavender", "lavender-fast"), "seeds": 1,
+                               "scaling": (), "curve_every": 0})
+    report = run_experiment(more)
+    trained = {arm: json.loads((run_dir(more, arm, more.train_scenes, 0) / "stage2" / "final"
+                                / "lavender_train.json").read_text()) for arm in ("lavender", "lavender-fast")}
+    assert Path(trained["lavender-fast"]["targets"]) == fast
+    made = {arm: json.loads((Path(trained[arm]["targets"]) / "store.json").read_text())["settings"]
+            for arm in trained}
+    assert (made["lavender-fast"]["inversion_steps"], made["lavender-fast"]["denoise_steps"]) == (1, 1)
+    assert (made["lavender"]["inversion_steps"], made["lavender"]["denoise_steps"]) == (5, 10)
+    passes = ("inversion_steps", "denoise_steps")
+    assert {k: v for k, v in made["lavender-fast"].items() if k not in passes} == \
+        {k: v for k, v in made["lavender"].items() if k not in passes}  # same teacher, strength, resolution
+    assert {k: v for k, v in trained["lavender-fast"].items() if k not in ("targets", "out")} == \
+        {k: v for k, v in trained["lavender"].items() if k not in ("targets", "out")}
+    summary = json.loads((report.parent / "results.json").read_text())["summary"]
+    assert summary["differences"]["lavender-fast"]["baseline"] == "ar"
+    assert summary["compared"]["lavender-fast"]["baseline"] == "lavender"
+    assert summary["compared"]["lavender-fast"]["seeds"] == [0]
+    assert "## Against the arm each is a variant of" in report.read_text()

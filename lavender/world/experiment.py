@@ -9,6 +9,8 @@ Layout of `<out>` (each step writes atomically and is skipped when its output ex
 where it stopped and a finished run is never redone):
     world/, world-wide/               the scenes (train/test/ood; wide: non-square test scenes)
     targets/<split>/                  stage-1 stores of the shipped teacher (train, test)
+    targets-<i>+<d>/train/            the teacher's training store from i inversion + d denoising steps, for
+                                      the arms that ask for it (made only when such an arm is run)
     oracle/<split>/                   ground-truth-mask stores (train: the oracle arm's targets; test, wide: words)
     runs/<arm>/n<size>/seed<k>/       stage2/ (the `lavender train` output), answers-<split>/, attention-test/,
                                       result.json (the run's scores; its presence marks the run done)
@@ -42,6 +44,8 @@ class Arm:
     about: str = ""
     trains: bool = True
     vlm: str = "mllama"  # which shipped base VLM: mllama (the Lavender arms) or llava (the DS-VLM arms)
+    passes: tuple[int, int] = ()  # teacher targets from (inversion, denoising) steps; (): stage 1's (5, 10)
+    compare: str = ""  # a second arm it is compared against beside its baseline: the arm it is a variant of
 
 
 ARMS: dict[str, Arm] = {
@@ -60,6 +64,9 @@ ARMS: dict[str, Arm] = {
                             about="Lavender after Aligner pretraining (the first fifth of the steps)"),
     "predict": Arm("teacher", (("align_position", "predict"),),
                    about="alignment on the rows that predict a word, against its own rows (input)"),
+    "lavender-fast": Arm("teacher", passes=(1, 1), compare="lavender",
+                         about="Lavender with targets from 2 teacher passes (1 inversion + 1 denoising step), "
+                               "against 15 (5 + 10)"),
     "ar-full": Arm("", (("lam", 0.0), ("lora", False)), baseline="",
                    about="autoregressive fine-tuning, every language-model weight trained"),
     "full": Arm("teacher", (("lora", False),), baseline="ar-full",
@@ -195,6 +202,11 @@ def prepare(cfg: ExperimentConfig) -> dict[str, Path]:
         _stage(f"stage 1 (shipped teacher): {split}")
         run_extract(ExtractConfig(diffusion=str(shipped_teacher()), data=str(paths[f"data-{split}"]),
                                   out=str(paths[f"teacher-{split}"]), batch_size=16))  # resumes by itself
+    for inversion, denoise in sorted({ARMS[a].passes for a in cfg.arms if ARMS[a].passes}):
+        store = paths[teacher_store((inversion, denoise))] = out / f"targets-{inversion}+{denoise}" / "train"
+        _stage(f"stage 1 (shipped teacher, {inversion} inversion + {denoise} denoising steps): train")
+        run_extract(ExtractConfig(diffusion=str(shipped_teacher()), data=str(paths["data-train"]), out=str(store),
+                                  inversion_steps=inversion, denoise_steps=denoise, batch_size=16))
     for split in ("train", "test", "ood", "wide"):
         paths[f"oracle-{split}"] = store = out / "oracle" / split
         if not (store / "index.json").exists():
@@ -224,6 +236,12 @@ def check_settings(cfg: ExperimentConfig) -> None:
         atomic_write_json(path, settings)
 
 
+def teacher_store(passes: tuple[int, ...]) -> str:
+    """The key in `prepare`'s paths of the teacher's training store made with `passes` (inversion, denoising
+    steps; (): stage 1's defaults)."""
+    return f"teacher-train-{passes[0]}+{passes[1]}" if passes else "teacher-train"
+
+
 def _resolution(store: Path) -> int:
     from lavender.data.targets import AttentionTargets
 
@@ -243,7 +261,8 @@ def train_config(cfg: ExperimentConfig, paths: dict[str, Path], arm: str, size: 
     overrides = dict(spec.overrides)
     if overrides.get("aligner_pretrain_steps") == "fifth":
         overrides["aligner_pretrain_steps"] = cfg.steps // 5
-    targets = {"": "", "teacher": paths["teacher-train"], "oracle": paths["oracle-train"]}[spec.targets]
+    store = {"": "", "teacher": teacher_store(spec.passes), "oracle": "oracle-train"}[spec.targets]
+    targets = str(paths[store]) if store else ""
     lr = cfg.lr / 10 if overrides.get("lora") is False else cfg.lr
     if overrides.get("method") == "dsvlm":  # the shipped teacher reconstructs, at the world's image size
         from lavender.dsvlm.config import DSVLMConfig
@@ -251,7 +270,7 @@ def train_config(cfg: ExperimentConfig, paths: dict[str, Path], arm: str, size: 
 
         overrides["dsvlm"] = DSVLMConfig(diffusion=str(shipped_teacher()), **overrides.get("dsvlm", {}))
         overrides["dsvlm_lr"] = cfg.lr
-    base = TrainConfig(model=str(_vlm(spec.vlm)), data=str(paths["data-train"]), targets=str(targets), out=str(out),
+    base = TrainConfig(model=str(_vlm(spec.vlm)), data=str(paths["data-train"]), targets=targets, out=str(out),
                        steps=cfg.steps, batch_size=cfg.batch_size, lr=lr, aligner_lr=cfg.aligner_lr, seed=seed,
                        limit=size if size < cfg.train_scenes else 0, report_to="none")
     save = cfg.curve_every if (seed == 0 and size == cfg.train_scenes and arm in CURVE_ARMS) else 0

@@ -94,17 +94,18 @@ def summarize(cfg, results: list[dict]) -> dict:
             "entropy": [r["attention"]["grounding"]["all"].get("entropy") for r in runs],
             "mse_teacher": [r["attention"]["mse_teacher"]["all"]["mse"] for r in runs],
             "mse_oracle": [r["attention"]["mse_oracle"]["all"]["mse"] for r in runs]}
+    summary["compared"] = {}
     for arm, runs in arms.items():
-        base = ARMS[arm].baseline
-        if not base or base not in arms:
-            continue
-        seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in arms[base]})
-        runs_a = [run_dir(cfg, base, cfg.train_scenes, s) for s in seeds]
-        runs_b = [run_dir(cfg, arm, cfg.train_scenes, s) for s in seeds]
-        summary["differences"][arm] = {"baseline": base, "seeds": seeds, **{
-            split: {"questions": paired_difference(runs_a, runs_b, split),
-                    **{t: paired_difference(runs_a, runs_b, split, (t,)) for t in ("colour", "shape", "count")}}
-            for split in SPLITS}}
+        for key, base in (("differences", ARMS[arm].baseline), ("compared", ARMS[arm].compare)):
+            if not base or base not in arms:
+                continue
+            seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in arms[base]})
+            runs_a = [run_dir(cfg, base, cfg.train_scenes, s) for s in seeds]
+            runs_b = [run_dir(cfg, arm, cfg.train_scenes, s) for s in seeds]
+            summary[key][arm] = {"baseline": base, "seeds": seeds, **{
+                split: {"questions": paired_difference(runs_a, runs_b, split),
+                        **{t: paired_difference(runs_a, runs_b, split, (t,)) for t in ("colour", "shape", "count")}}
+                for split in SPLITS}}
     scaling: dict = defaultdict(lambda: defaultdict(dict))
     for r in results:
         if r["arm"] in ("ar", "lavender", "oracle"):
@@ -155,6 +156,17 @@ def write_report(cfg, paths: dict[str, Path], results: list[dict], curves: dict[
     lines.append(_table(["arm", *(f"{s} {t}" for s in ("test", "ood") for t in ("shape", "colour", "count"))], [
         [a, *(_interval(diffs[a][s][t]) for s in ("test", "ood") for t in ("shape", "colour", "count"))]
         for a in arms if a in diffs]))
+    compared = summary["compared"]
+    if compared:
+        lines += ["", "## Against the arm each is a variant of", "",
+                  "Difference in question accuracy against the arm each is a variant of (e.g. `lavender-fast`, "
+                  "targets from 2 teacher passes, against `lavender`, from 15), on the same seeds, with its 95% "
+                  "interval; the last three columns are the test split by question type.", ""]
+        lines.append(_table(["arm", "against", "seeds", *SPLITS, *(f"test {t}" for t in ("shape", "colour", "count"))],
+                            [[a, compared[a]["baseline"], str(len(compared[a]["seeds"])),
+                              *(_interval(compared[a][s]["questions"]) for s in SPLITS),
+                              *(_interval(compared[a]["test"][t]) for t in ("shape", "colour", "count"))]
+                             for a in arms if a in compared]))
     for split in SPLITS:
         kinds = [k for k in summary["arms"][arms[0]][split] if k not in ("all", "questions", "caption")]
         lines += ["", f"## Per question type: {split}", ""]
@@ -188,6 +200,8 @@ def write_report(cfg, paths: dict[str, Path], results: list[dict], curves: dict[
     lines += [f"![{title}](figures/{name})\n\n{title}\n" for name, title in figures]
     lines += ["## What the numbers say", ""]
     lines += _findings(diffs)
+    if compared:
+        lines += _findings(compared)
     path = out / "report.md"
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return path
