@@ -140,7 +140,8 @@ def test_learn_defaults_to_a_fifth_of_the_layers_spread_evenly():
     from lavender.train.objective import default_layers
 
     def adapter(total: int, alignable: list[int]):
-        config = SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=total))
+        text = SimpleNamespace(num_hidden_layers=total)
+        config = SimpleNamespace(text_config=text, get_text_config=lambda: text)  # as transformers' configs have
         return SimpleNamespace(model=SimpleNamespace(config=config), alignable_layers=lambda: alignable)
 
     assert default_layers(adapter(32, list(range(32))), "learn") == [2, 8, 13, 18, 24, 29]
