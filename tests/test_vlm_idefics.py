@@ -6,6 +6,8 @@ targets; and `lavender eval attention`."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -287,6 +289,25 @@ def test_saved_model_loads_with_its_processor(saved):
     model = AutoModelForImageTextToText.from_pretrained(saved)
     for name, value in tiny_idefics("sdpa").state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_full_fine_tuning_opens_the_decoder_and_not_the_vision_side(saved, monkeypatch):
+    """`--no-lora` opens the decoder layers, gated cross-attention blocks, embeddings, final norm and LM head (as
+    the adapter's `language_model` names them), and leaves the vision tower and the Perceiver frozen; a model whose
+    decoder the pattern does not find is refused rather than trained on its LM head alone."""
+    from transformers import AutoModelForImageTextToText
+
+    from lavender.train.config import TrainConfig
+    from lavender.train.trainer import TrainingError, select_parameters
+
+    model = select_parameters(AutoModelForImageTextToText.from_pretrained(saved), TrainConfig(lora=False))
+    opened = {name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad and
+              name.startswith("model.")}
+    assert opened == {"embed_tokens", "layers", "gated_cross_attn_layers", "norm"}
+    assert all(p.requires_grad for name, p in model.named_parameters() if name.startswith("lm_head"))
+    monkeypatch.setattr(IdeficsAdapter, "language_model", re.compile(r"(^|\.)decoder_not_here\."))
+    with pytest.raises(TrainingError, match="only the LM head would train"):
+        select_parameters(AutoModelForImageTextToText.from_pretrained(saved), TrainConfig(lora=False))
 
 
 def test_labels_are_the_answer_and_each_word_sits_on_its_token(saved, tiny_world, oracle):

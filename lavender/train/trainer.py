@@ -243,10 +243,26 @@ def select_parameters(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                             target_modules=cfg.lora_targets, modules_to_save=extra or None)
         return get_peft_model(model, config)
+    language = language_model_pattern(model)
+    opened = []
     for name, p in model.named_parameters():
-        if LANGUAGE_MODEL.search(name) or name.startswith("lm_head") or any(name.startswith(m + ".") for m in extra):
+        if language.search(name) or name.startswith("lm_head") or any(name.startswith(m + ".") for m in extra):
             p.requires_grad_(True)
+            opened.append(name)
+    if not any(language.search(name) for name in opened):
+        raise TrainingError(f"full fine-tuning found no language-model parameters in this "
+                            f"{type(model).__name__} (names matching {language.pattern!r}); only the LM head would "
+                            "train. Use LoRA, or a model whose family adapter names its decoder")
     return model
+
+
+def language_model_pattern(model: nn.Module) -> re.Pattern:
+    """The parameter names of `model`'s language model: as its family adapter states them, or the common
+    `language_model.` / `text_model.` prefixes for a model without an adapter."""
+    try:
+        return adapter_for(model).language_model
+    except ValueError:
+        return LANGUAGE_MODEL
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

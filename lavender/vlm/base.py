@@ -9,6 +9,7 @@ rows is generic (`lavender.vlm.attention.capture_rows`), and so is everything el
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -36,6 +37,8 @@ class VLMAdapter(ABC):
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # `config.model_type` values this adapter serves
     attention_name: ClassVar[str] = "self_attn"  # the aligned attention module of a decoder layer
+    # parameter names of the language model, which full fine-tuning (`--no-lora`) opens (beside `lm_head`)
+    language_model: ClassVar[re.Pattern] = re.compile(r"(^|\.)(language_model|text_model)\.")
 
     def __init__(self, model: torch.nn.Module):
         self.model = model

@@ -22,6 +22,7 @@ given; `IdeficsChatProcessor` puts it at the chat template's `<image>` placehold
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 
 import torch
@@ -132,6 +133,8 @@ class IdeficsAdapter(VLMAdapter):
 
     family = "idefics"
     model_types = ("idefics",)
+    # the decoder sits in the model itself, beside the vision tower and the Perceiver
+    language_model = re.compile(r"(^|\.)model\.(embed_tokens|layers|gated_cross_attn_layers|norm)\.")
     attention_name = "cross_attn"
 
     def __init__(self, model: nn.Module):
