@@ -109,8 +109,8 @@ def test_the_authors_release_preset_loads_with_the_release_settings():
     assert re.fullmatch(cfg.lora_targets, "language_model.model.layers.3.cross_attn.v_proj")
     assert not re.fullmatch(cfg.lora_targets, "language_model.model.layers.3.self_attn.k_proj")
     assert (cfg.aggregation, cfg.align_position, cfg.match) == ("heads", "predict", "exact")
-    assert (cfg.aligner_kind, cfg.aligner_depth, cfg.aligner_hidden, cfg.aligner_norm) == (
-        "conv", "authors", 32, "instance")
+    assert (cfg.aligner_kind, cfg.aligner_depth, cfg.aligner_hidden, cfg.aligner_norm, cfg.aligner_residual) == (
+        "conv", "authors", 32, "instance", False)
     assert cfg.batch_size == 1 and cfg.max_grad_norm == 0
     aligner = Aligner(cfg.aligner(32))  # Llama 3.2 11B Vision: 32 heads per cross-attention layer
     assert [m[0] for m in _layout(aligner)] == ["conv", "instance", "ReLU6"] * 3 + ["conv"]
@@ -119,3 +119,53 @@ def test_the_authors_release_preset_loads_with_the_release_settings():
 def test_the_llama_preset_pairs_words_with_the_rows_that_predict_them():
     cfg = _train_config(EXAMPLES / "llama32-11b-vision.yaml")
     assert cfg.align_position == "predict" and cfg.aligner_depth == "sim"
+
+
+@pytest.mark.parametrize("kind", ["conv", "mlp"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_residual_aligner_starts_as_the_identity_and_keeps_the_sign(kind, channels):
+    """With `residual`, an untrained Aligner returns its input's channel mean, min-max normalised (so its sign
+    agreement is 1), and its network still gets gradients; the paper's Aligner is some other map at the start."""
+    from lavender.align.aligner import sign_agreement
+
+    torch.manual_seed(0)
+    x = torch.rand(5, channels, 8, 8)
+    residual = Aligner(AlignerConfig(kind=kind, in_channels=channels, resolution=8, residual=True))
+    out = residual(x)
+    torch.testing.assert_close(out, min_max(x.mean(dim=1)))
+    torch.testing.assert_close(sign_agreement(x, out), torch.ones(5))
+    out.pow(2).sum().backward()
+    assert residual.net[-1].weight.grad.abs().sum() > 0
+    plain = Aligner(AlignerConfig(kind=kind, in_channels=channels, resolution=8))
+    assert (plain(x) - out).abs().max() > 0.05
+
+
+def test_sign_agreement_is_the_correlation_of_input_and_output():
+    from lavender.align.aligner import sign_agreement
+
+    x = torch.rand(4, 2, 6, 6)
+    mean = x.mean(dim=1)
+    torch.testing.assert_close(sign_agreement(x, 3 * mean + 1), torch.ones(4))
+    torch.testing.assert_close(sign_agreement(x, 1 - mean), -torch.ones(4))
+    assert sign_agreement(x, torch.zeros(4, 6, 6)).abs().max() == 0  # a constant output carries no sign
+
+
+def test_the_trainer_warns_once_when_the_aligner_inverts_its_input(caplog):
+    """After Aligner pretraining and a warm-up, a mean sign agreement below -0.2 over the last steps logs one
+    warning naming --aligner-residual; agreeing steps, steps inside the warm-up and steps without words do not."""
+    from types import SimpleNamespace
+
+    from lavender.train.trainer import SIGN_WARMUP, Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = SimpleNamespace(aligner_pretrain_steps=5)
+    trainer.progress = SimpleNamespace(step=0)
+    trainer._warned_sign, trainer._sign_window = False, []
+    with caplog.at_level("WARNING", logger="lavender.train.trainer"):
+        for step in range(5 + SIGN_WARMUP + 3 * SIGN_WARMUP):
+            trainer.progress.step = step
+            agreement = 0.8 if step < 5 + 2 * SIGN_WARMUP else -0.7
+            trainer._check_aligner_sign(agreement, words=0 if step % 7 == 0 else 4)
+    warnings = [r for r in caplog.records if "anti-correlated" in r.getMessage()]
+    assert len(warnings) == 1 and "--aligner-residual" in warnings[0].getMessage()
+    assert trainer._warned_sign

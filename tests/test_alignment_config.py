@@ -65,7 +65,7 @@ def test_the_trainer_saves_the_config_beside_the_aligner(trained):
     assert (final / "aligner" / "model.safetensors").exists() and not (final / "aligner" / "config.json").exists()
     assert (saved.aggregation, saved.layers, saved.match, saved.position) == ("max-mean", (1,), "root", "predict")
     assert (saved.text, saved.frame, saved.lam, saved.instruction) == ("caption", "full", 10.0, "Describe the image.")
-    assert saved.aligner == AlignerConfig(depth="light", resolution=16, in_channels=1)
+    assert saved.aligner == AlignerConfig(depth="light", resolution=16, in_channels=1, residual=True)  # the default
 
 
 def _eval(trained, tiny_world, out, monkeypatch) -> tuple[AttentionTargets, dict]:

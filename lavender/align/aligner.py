@@ -36,6 +36,9 @@ class AlignerConfig:
     hidden: int = field(default=32, metadata={"help": "channels of the conv blocks / width of the MLP"})
     norm: str = field(default="instance", metadata={"help": "instance|batch|group|none"})
     resolution: int = field(default=32, metadata={"help": "side of the output map (the targets' resolution)"})
+    residual: bool = field(default=False, metadata={
+        "help": "add the input's channel mean to the network's output, whose last layer starts at zero, so the "
+                "Aligner starts as the identity and keeps the sign of the attention it is given"})
 
     def __post_init__(self) -> None:
         if self.kind not in ("conv", "mlp"):
@@ -87,12 +90,31 @@ class Aligner(nn.Module):
                 layers += [nn.Linear(a, b), nn.ReLU6()]
             layers.append(nn.Linear(dims[-1], area))
             self.net = nn.Sequential(nn.Flatten(), *layers)
+        if cfg.residual:  # the identity at the start: the last layer adds nothing until it has learned to
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, attention: torch.Tensor) -> torch.Tensor:
-        """(N, C, h, w) -> (N, R, R) in [0, 1]."""
+        """(N, C, h, w) -> (N, R, R) in [0, 1]. With `residual`, the network's output plus the input's mean over
+        channels, before the min-max normalisation."""
         r = self.cfg.resolution
         x = attention.float()
         if x.shape[-2:] != (r, r):
             x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False)
         out = self.net(x).view(-1, r, r)
+        if self.cfg.residual:
+            out = out + x.mean(dim=1)
         return min_max(out)
+
+
+def sign_agreement(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation over the cells between each Aligner input (N, C, R, R), averaged over its channels, and
+    its output (N, R, R): (N,), in [-1, 1], 0 where either is constant.
+
+    The output is min-max normalised, so an Aligner that inverts its input fits the targets as well as one that keeps
+    it; L_att then moves the VLM's own attention toward the inverse of the targets. A negative value shows that."""
+    a = inputs.float().mean(dim=1).flatten(1)
+    b = outputs.float().flatten(1)
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    denominator = (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+    return (a * b).sum(dim=1) / denominator

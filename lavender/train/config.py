@@ -77,6 +77,11 @@ class TrainConfig:
         "help": "light|sim|deep|authors (the authors' release) or a number of blocks"})
     aligner_hidden: int = field(default=32, metadata={"help": "Aligner channels"})
     aligner_norm: str = field(default="instance", metadata={"help": "instance|batch|group|none"})
+    aligner_residual: bool = field(default=True, metadata={
+        "help": "start the Aligner as the identity (its input's channel mean plus a network whose last layer "
+                "starts at zero), so it keeps the sign of the VLM's attention; --no-aligner-residual: the paper's "
+                "Aligner, which can learn to invert its input and then push the attention toward the inverse of "
+                "the targets"})
     aligner_pretrain_steps: int = field(default=0, metadata={"help": "first steps train only the Aligner"})
     # DS-VLM
     mu: float = field(default=1.0, metadata={"help": "weight mu of the reconstruction loss L_rec (--method dsvlm)"})
@@ -212,4 +217,5 @@ class TrainConfig:
 
     def aligner(self, in_channels: int, resolution: int = 32) -> AlignerConfig:
         return AlignerConfig(kind=self.aligner_kind, depth=self.aligner_depth, in_channels=in_channels,
-                             hidden=self.aligner_hidden, norm=self.aligner_norm, resolution=resolution)
+                             hidden=self.aligner_hidden, norm=self.aligner_norm, resolution=resolution,
+                             residual=self.aligner_residual)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lavender.align.aggregate import aggregate, aligner_channels
-from lavender.align.aligner import Aligner, AlignerConfig
+from lavender.align.aligner import Aligner, AlignerConfig, sign_agreement
 from lavender.align.config import AlignmentConfig
 from lavender.align.loss import word_errors
 from lavender.data.frame import FULL, resample
@@ -156,12 +156,19 @@ class AttentionAlignment(nn.Module):
 
     def error_sum(self, captured: dict[int, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, int]:
         """Summed per-word MSE between Aligner outputs and targets, and the number of words."""
+        errors, _, n = self.errors(captured, batch)
+        return errors, n
+
+    def errors(self, captured: dict[int, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Summed per-word MSE between Aligner outputs and targets, the summed (detached) sign agreement between
+        each word's Aligner input and output (`sign_agreement`), and the number of words."""
         if not batch.words:
-            return self.aligner_zero(), 0
+            return self.aligner_zero(), torch.zeros(()), 0
         maps, order = self.word_maps(captured, batch)
         predicted = self.predict(maps)
         targets = torch.stack([batch.words[i].target for i in order]).to(predicted)
-        return word_errors(predicted, targets).sum(), len(order)
+        agreement = sign_agreement(maps.flatten(1, 2), predicted).detach().sum()
+        return word_errors(predicted, targets).sum(), agreement, len(order)
 
     def aligner_zero(self) -> torch.Tensor:
         """A zero that touches every Aligner parameter, so distributed gradient sync sees them all."""
@@ -203,8 +210,8 @@ class LavenderObjective(nn.Module):
             lm_sum = language_loss_sum(logits, labels[:, 1:][labels[:, 1:] != IGNORE])
         out = {"lm_sum": lm_sum, "lm_count": torch.tensor(batch.label_tokens, dtype=torch.float)}
         if self.alignment is not None:
-            att_sum, n = self.alignment.error_sum(captured, batch)
-            out |= {"att_sum": att_sum, "att_count": torch.tensor(float(n))}
+            att_sum, agreement, n = self.alignment.errors(captured, batch)
+            out |= {"att_sum": att_sum, "att_count": torch.tensor(float(n)), "aligner_sign_sum": agreement}
         if self.reconstruction is not None:
             if batch.pixels is None:
                 raise ValueError("DS-VLM needs each sample's image plane (`Batch.pixels`)")

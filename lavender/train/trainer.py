@@ -63,6 +63,7 @@ PROJECTOR_MODULES = ("multi_modal_projector", "merger", "connector")
 TRAINABLE_FILE = "trainable.safetensors"
 COVERAGE_PROBE = 32  # samples with targets encoded before training to see that their words are found
 LOW_COVERAGE = 0.5  # below this share of samples with targets, or of their words matched, warn
+SIGN_WARMUP = 10  # steps after Aligner pretraining before, and over which, the Aligner's sign is judged
 MAX_SKIPPED_IN_A_ROW = 20  # fp16 steps skipped for overflowing gradients, one after another, before the run stops
 # the attributes through which FSDP units and activation-checkpoint wrappers hold the module they wrap; their names
 # are the prefixes FSDP's state dicts leave out
@@ -551,6 +552,7 @@ class Trainer:
         if len(self.loader) == 0:
             raise ValueError(f"{len(self.dataset)} samples do not make one batch of {cfg.batch_size} per process")
         self.progress = Progress()
+        self._warned_sign, self._sign_window = False, []  # `_check_aligner_sign`
         self.progress.events.update(self.dataset.events)  # counted once; a resumed run loads its own counts
         self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
         self.accelerator.register_save_state_pre_hook(self._save_trainable)
@@ -718,7 +720,7 @@ class Trainer:
         tokens, words, samples = self._global([sum(b.label_tokens for b in micro), sum(len(b.words) for b in micro),
                                                sum(len(b.sample_ids) for b in micro)])
         world = acc.num_processes
-        lm_total, att_total, rec_totals = 0.0, 0.0, Counter()
+        lm_total, att_total, sign_total, rec_totals = 0.0, 0.0, 0.0, Counter()
         reconstruction = acc.unwrap_model(self.objective).reconstruction
         if reconstruction is not None:  # the noise and timestep draws depend on them, not on the process
             reconstruction.diffusion.seed, reconstruction.diffusion.step = cfg.seed, self.progress.step
@@ -735,12 +737,13 @@ class Trainer:
                     loss = loss + cfg.mu * out["rec_sum"] * (world / max(samples, 1))
                 lm_total += float(out["lm_sum"].detach())
                 att_total += float(out.get("att_sum", torch.zeros(())).detach())
+                sign_total += float(out.get("aligner_sign_sum", torch.zeros(())))
                 rec_totals.update({k: float(v.detach()) for k, v in out.items() if k.startswith("rec_")
                                    and k.endswith("_sum")})
                 if last:  # one reduction serves the logs and the check: a NaN or Inf anywhere makes the sums so
                     rec_names = sorted(rec_totals)
-                    lm_sum, att_sum, *rec_sums = self._global([lm_total, att_total,
-                                                               *(rec_totals[k] for k in rec_names)])
+                    lm_sum, att_sum, sign_sum, *rec_sums = self._global([lm_total, att_total, sign_total,
+                                                                         *(rec_totals[k] for k in rec_names)])
                     if not math.isfinite(lm_sum + att_sum + sum(rec_sums)):
                         self._stop(f"non-finite loss at step {self.progress.step + 1} (L_VLM sum {lm_sum}, "
                                    f"L_att sum {att_sum}" + "".join(f", {k} {v}" for k, v in zip(rec_names, rec_sums))
@@ -773,11 +776,29 @@ class Trainer:
             metrics |= {"L_rec": named.pop("rec_sum") / max(samples, 1), "lr_dsvlm": lrs["dsvlm"]}
             metrics |= {f"L_rec/{k[4:-4]}": v / max(samples, 1) for k, v in named.items()}
         if cfg.aligns:
-            metrics |= {"L_att": att_sum / max(words, 1), "matched_words": words, "lr_aligner": lrs["aligner"]}
+            metrics |= {"L_att": att_sum / max(words, 1), "matched_words": words, "lr_aligner": lrs["aligner"],
+                        "aligner_sign": sign_sum / max(words, 1)}
+            self._check_aligner_sign(metrics["aligner_sign"], words)
             metrics |= {"lr_learn": lrs["learn"]} if "learn" in lrs else {}
         if self.progress.skipped:
             metrics["skipped_steps"] = self.progress.skipped
         return metrics
+
+    def _check_aligner_sign(self, agreement: float, words: int) -> None:
+        """Warn once when, after Aligner pretraining and a warm-up, the Aligner's outputs are anti-correlated with
+        its inputs on average over a step's words (`sign_agreement`): L_att is then moving the VLM's attention
+        toward the inverse of the targets."""
+        step = self.progress.step + 1
+        if self._warned_sign or not words or step < self.cfg.aligner_pretrain_steps + SIGN_WARMUP:
+            return
+        self._sign_window.append(agreement)
+        if len(self._sign_window) >= SIGN_WARMUP and sum(self._sign_window[-SIGN_WARMUP:]) / SIGN_WARMUP < -0.2:
+            self._warned_sign = True
+            log.warning("step %d: the Aligner's output is anti-correlated with its input (mean sign agreement %.2f "
+                        "over the last %d steps), so L_att is moving the VLM's own attention toward the inverse of "
+                        "the targets; the residual Aligner (--aligner-residual, the default) starts as the identity "
+                        "and keeps the sign",
+                        step, sum(self._sign_window[-SIGN_WARMUP:]) / SIGN_WARMUP, SIGN_WARMUP)
 
     def _log(self, metrics: dict, micro: list[Batch]) -> None:
         step_events = sum((b.events for b in micro), Counter())

@@ -64,6 +64,11 @@ ARMS: dict[str, Arm] = {
                             about="Lavender after Aligner pretraining (the first fifth of the steps)"),
     "predict": Arm("teacher", (("align_position", "predict"),),
                    about="alignment on the rows that predict a word, against its own rows (input)"),
+    "lavender-residual": Arm("teacher", (("aligner_residual", True),), compare="lavender",
+                             about="Lavender with the residual Aligner (starts as the identity), against the "
+                                   "paper's"),
+    "oracle-residual": Arm("oracle", (("aligner_residual", True),), compare="oracle",
+                           about="the oracle with the residual Aligner, against the paper's"),
     "lavender-fast": Arm("teacher", passes=(1, 1), compare="lavender",
                          about="Lavender with targets from 2 teacher passes (1 inversion + 1 denoising step), "
                                "against 15 (5 + 10)"),
@@ -77,6 +82,9 @@ ARMS: dict[str, Arm] = {
                     about="LLaVA: autoregressive fine-tuning, LoRA and the projector"),
     "llava-lavender": Arm("teacher", (("train_projector", True),), baseline="llava-ar", vlm="llava",
                           about="LLaVA: Lavender (heads, lambda 10), LoRA and the projector"),
+    "llava-lavender-residual": Arm("teacher", (("train_projector", True), ("aligner_residual", True)),
+                                   baseline="llava-ar", vlm="llava", compare="llava-lavender",
+                                   about="LLaVA: Lavender with the residual Aligner, against the paper's"),
     "dsvlm": Arm("", (("lam", 0.0), ("train_projector", True), ("method", "dsvlm")), baseline="llava-ar", vlm="llava",
                  about="LLaVA: DS-VLM (text and low/mid/high supervision, MoE cross-attention, noise + perceptual)"),
     "dsvlm-lavender": Arm("teacher", (("train_projector", True), ("method", "dsvlm")), baseline="llava-ar",
@@ -272,7 +280,8 @@ def train_config(cfg: ExperimentConfig, paths: dict[str, Path], arm: str, size: 
         overrides["dsvlm_lr"] = cfg.lr
     base = TrainConfig(model=str(_vlm(spec.vlm)), data=str(paths["data-train"]), targets=targets, out=str(out),
                        steps=cfg.steps, batch_size=cfg.batch_size, lr=lr, aligner_lr=cfg.aligner_lr, seed=seed,
-                       limit=size if size < cfg.train_scenes else 0, report_to="none")
+                       limit=size if size < cfg.train_scenes else 0, report_to="none",
+                       aligner_residual=False)  # the paper's Aligner, unless an arm says otherwise
     save = cfg.curve_every if (seed == 0 and size == cfg.train_scenes and arm in CURVE_ARMS) else 0
     return replace(base, **overrides, save_every=save, keep_checkpoints=max(1, cfg.steps // max(save, 1)))
 
