@@ -56,16 +56,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
-from lavender.data.frame import ImageView
-from lavender.vlm.base import SelfAttentionAdapter, register_adapter
-from lavender.vlm.idefics3 import IMAGE_KEYS, frames_to_plane
+from lavender.vlm.base import register_adapter
+from lavender.vlm.idefics3 import CropCanvasAdapter, frames_to_plane
 
 POOL = 8  # side of the coarse grid on which `crop_grid` compares the crops with the global view
 
@@ -169,48 +167,24 @@ def layout_to_plane(values: torch.Tensor, layout: Gemma3Layout, image_keys: str 
 
 
 @register_adapter
-class Gemma3Adapter(SelfAttentionAdapter):
+class Gemma3Adapter(CropCanvasAdapter):
     family = "gemma3"
     model_types = ("gemma3",)
     rotary = staticmethod(apply_rotary_pos_emb)
-    image_keys: ClassVar[str] = "crops"  # the default; an instance may set its own (see IMAGE_KEYS)
-
-    def __init__(self, model: nn.Module, image_keys: str | None = None):
-        super().__init__(model)
-        if image_keys is not None:
-            if image_keys not in IMAGE_KEYS:
-                raise ValueError(f"unknown image_keys {image_keys!r}; choose one of {IMAGE_KEYS}")
-            self.image_keys = image_keys
 
     def query_key_norms(self, attention: nn.Module) -> tuple[nn.Module, nn.Module]:
         return attention.q_norm, attention.k_norm
 
     def layouts(self, batch: dict) -> list[Gemma3Layout]:
-        """Each sample's `Gemma3Layout`, from `batch["input_ids"]` and, with crops, `batch["pixel_values"]`."""
+        """Each sample's `Gemma3Layout`, from `batch["input_ids"]` and, with crops, `batch["pixel_values"]`.
+
+        Raises `ValueError` for a sample without exactly one image (see `frame_runs`)."""
         return sample_layouts(
             batch["input_ids"], batch.get("pixel_values"), self.image_token_id, frame_side(self.model.config)
         )
 
-    def image_planes(self, batch: dict) -> list[tuple[int, int]]:
-        planes = []
-        for layout in self.layouts(batch):
-            crops = layout.n_rows and self.image_keys != "global"
-            side = layout.side
-            planes.append((layout.n_rows * side, layout.n_cols * side) if crops else (side, side))
-        return planes
-
-    def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
-        """(B, heads, R, keys) -> per sample (heads, R, h, w) on its plane (`image_keys`; see the module docstring).
-
-        Raises `ValueError` for a sample without exactly one image (see `frame_runs`)."""
-        return [
-            layout_to_plane(probs[b][..., layout.positions.to(probs.device)], layout, self.image_keys)
-            for b, layout in enumerate(self.layouts(batch))
-        ]
-
-    @classmethod
-    def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:
-        return ImageView()  # the global view and the crops' canvas both show the whole image, stretched
+    def layout_to_plane(self, values: torch.Tensor, layout: Gemma3Layout) -> torch.Tensor:
+        return layout_to_plane(values, layout, self.image_keys)  # the global view first, then the crops
 
 
 __all__ = ["POOL", "Gemma3Adapter", "Gemma3Layout", "crop_grid", "frame_runs", "frame_side", "sample_layouts"]

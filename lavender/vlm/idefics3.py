@@ -38,6 +38,7 @@ attention's `q_norm`/`k_norm` if it has them (a Qwen3-style text model).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -143,11 +144,13 @@ def frames_to_plane(
     return canvas + spread
 
 
-@register_adapter
-class Idefics3Adapter(SelfAttentionAdapter):
-    family = "idefics3"
-    model_types = ("idefics3", "smolvlm")
-    rotary = staticmethod(apply_rotary_pos_emb)
+class CropCanvasAdapter(SelfAttentionAdapter):
+    """A family whose image is a grid of crops (tiles) and a global view, g x g tokens each in the text sequence,
+    laid out on the plane that `image_keys` chooses (see `frames_to_plane` and the module docstring): Idefics3,
+    InternVL, Gemma 3. A family says where each sample's frames are (`layouts`: objects with the image keys'
+    `positions` and `n_rows`, `n_cols`, `side`) and, if its keys are not the crops followed by the global view, how
+    one image's keys lie on the plane (`layout_to_plane`)."""
+
     image_keys: ClassVar[str] = "crops"  # the default; an instance may set its own (see IMAGE_KEYS)
 
     def __init__(self, model: nn.Module, image_keys: str | None = None):
@@ -156,6 +159,42 @@ class Idefics3Adapter(SelfAttentionAdapter):
             if image_keys not in IMAGE_KEYS:
                 raise ValueError(f"unknown image_keys {image_keys!r}; choose one of {IMAGE_KEYS}")
             self.image_keys = image_keys
+
+    @abstractmethod
+    def layouts(self, batch: dict) -> list:
+        """Each sample's layout: its image keys' `positions` in the sequence, `n_rows` x `n_cols` crops (0 x 0
+        for the global view alone) of `side` x `side` tokens."""
+
+    def layout_to_plane(self, values: torch.Tensor, layout) -> torch.Tensor:
+        """One image's key values (..., keys) on its plane: (..., h, w)."""
+        return frames_to_plane(values, layout.n_rows, layout.n_cols, layout.side, self.image_keys)
+
+    def image_planes(self, batch: dict) -> list[tuple[int, int]]:
+        planes = []
+        for layout in self.layouts(batch):
+            crops = layout.n_rows and self.image_keys != "global"
+            side = layout.side
+            planes.append((layout.n_rows * side, layout.n_cols * side) if crops else (side, side))
+        return planes
+
+    def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+        """(B, heads, R, keys) -> per sample (heads, R, h, w) on its plane (`image_keys`); raises `ValueError` as
+        the family's `layouts` does."""
+        return [
+            self.layout_to_plane(probs[b][..., layout.positions.to(probs.device)], layout)
+            for b, layout in enumerate(self.layouts(batch))
+        ]
+
+    @classmethod
+    def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:
+        return ImageView()  # crops and global view both show the whole image, stretched, never padded or cropped
+
+
+@register_adapter
+class Idefics3Adapter(CropCanvasAdapter):
+    family = "idefics3"
+    model_types = ("idefics3", "smolvlm")
+    rotary = staticmethod(apply_rotary_pos_emb)
 
     def attention_module(self, layer: int) -> nn.Module:
         if layer not in self.alignable_layers():
@@ -176,30 +215,13 @@ class Idefics3Adapter(SelfAttentionAdapter):
         side = frame_side(self.model.config)
         return [image_layout(ids, self.image_token_id, side) for ids in batch["input_ids"]]
 
-    def image_planes(self, batch: dict) -> list[tuple[int, int]]:
-        planes = []
-        for layout in self.layouts(batch):
-            crops = layout.n_rows and self.image_keys != "global"
-            planes.append(
-                (layout.n_rows * layout.side, layout.n_cols * layout.side) if crops else (layout.side, layout.side)
-            )
-        return planes
 
-    def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
-        return [
-            frames_to_plane(
-                probs[b][..., layout.positions.to(probs.device)],
-                layout.n_rows,
-                layout.n_cols,
-                layout.side,
-                self.image_keys,
-            )
-            for b, layout in enumerate(self.layouts(batch))
-        ]
-
-    @classmethod
-    def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:
-        return ImageView()  # crops and global view both show the whole image, stretched, never padded
-
-
-__all__ = ["IMAGE_KEYS", "Idefics3Adapter", "ImageLayout", "frame_side", "frames_to_plane", "image_layout"]
+__all__ = [
+    "IMAGE_KEYS",
+    "CropCanvasAdapter",
+    "Idefics3Adapter",
+    "ImageLayout",
+    "frame_side",
+    "frames_to_plane",
+    "image_layout",
+]

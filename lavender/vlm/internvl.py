@@ -41,17 +41,15 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lavender.data.frame import ImageView
 from lavender.vlm.attention import image_key_positions
-from lavender.vlm.base import SelfAttentionAdapter, register_adapter
-from lavender.vlm.idefics3 import IMAGE_KEYS, frames_to_plane
+from lavender.vlm.base import register_adapter
+from lavender.vlm.idefics3 import CropCanvasAdapter
 
 COMPARED = 32  # tiles and thumbnail are compared at this many pixels a side (or their own, if smaller)
 TIE = 1e-5  # grids whose shrunk canvas is this close to the best one's (mean |difference|, normalised pixels) tie
@@ -153,19 +151,14 @@ def _ref(tensor: torch.Tensor | None):
 
 
 @register_adapter
-class InternVLAdapter(SelfAttentionAdapter):
+class InternVLAdapter(CropCanvasAdapter):
     family = "internvl"
     model_types = ("internvl",)
     rotary = staticmethod(apply_rotary_pos_emb)
-    image_keys: ClassVar[str] = "crops"  # the tile canvas; "global": the thumbnail; "crops+global": both
 
     def __init__(self, model: nn.Module, image_keys: str | None = None):
-        super().__init__(model)
+        super().__init__(model, image_keys)
         self._last: tuple | None = None  # the last batch's tensors (weak references, versions) and its layouts
-        if image_keys is not None:
-            if image_keys not in IMAGE_KEYS:
-                raise ValueError(f"unknown image_keys {image_keys!r}; choose one of {IMAGE_KEYS}")
-            self.image_keys = image_keys
 
     def query_key_norms(self, attention: nn.Module) -> tuple[nn.Module, nn.Module]:
         if hasattr(attention, "q_norm") and hasattr(attention, "k_norm"):
@@ -190,37 +183,6 @@ class InternVLAdapter(SelfAttentionAdapter):
         if -1 not in versions:  # tensors whose changes can be seen
             self._last = (tuple(_ref(t) for t in tensors), versions, layouts)
         return layouts
-        side = frame_side(self.model.config)
-        layouts = tile_layouts(*tensors, self.image_token_id, side)
-        self._last = (tuple(None if t is None else weakref.ref(t) for t in tensors), versions, layouts)
-        return layouts
-
-    def image_planes(self, batch: dict) -> list[tuple[int, int]]:
-        planes = []
-        for layout in self.layouts(batch):
-            tiles = layout.n_rows and self.image_keys != "global"
-            planes.append(
-                (layout.n_rows * layout.side, layout.n_cols * layout.side) if tiles else (layout.side, layout.side)
-            )
-        return planes
-
-    def to_image(self, probs: torch.Tensor, batch: dict) -> list[torch.Tensor]:
-        """(B, heads, R, keys) -> per sample (heads, R, h, w): the tile canvas (n_rows * g, n_cols * g) by default,
-        the thumbnail (g, g) or both (`image_keys`); raises `ValueError` as `tile_layouts` does."""
-        return [
-            frames_to_plane(
-                probs[b][..., layout.positions.to(probs.device)],
-                layout.n_rows,
-                layout.n_cols,
-                layout.side,
-                self.image_keys,
-            )
-            for b, layout in enumerate(self.layouts(batch))
-        ]
-
-    @classmethod
-    def image_view(cls, processor, image_size: tuple[int, int], inputs: dict) -> ImageView:
-        return ImageView()  # tiles and thumbnail both show the whole image, stretched, never padded or cropped
 
 
 __all__ = ["InternVLAdapter", "TileLayout", "frame_side", "tile_grid", "tile_layouts"]
