@@ -164,7 +164,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [r["model"], f"{r['image_size']} px", str(r["batch"]), r["preset"], f"1 + {r['passes']}",
-                 f"{r['stage1_images_per_s']:.2f}", f"{r['baseline_images_per_s']:.2f}", f"{r['throughput_ratio']:.3f}"]
+                 f"{r['stage1_images_per_s']:.3g}", f"{r['baseline_images_per_s']:.3g}", f"{r['throughput_ratio']:.3f}"]
         if memory:
             cells.append(f"{r['peak_ratio']:.3f} ({r['stage1_peak_mb']:.0f} / {r['baseline_peak_mb']:.0f} MB)")
         lines.append("| " + " | ".join(cells) + " |")
