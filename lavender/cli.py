@@ -176,9 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("extract", help="stage 1: per-word diffusion attention targets for image-text data",
-                       description="Invert each image a few DDIM steps with a Stable Diffusion v1.x-layout "
-                                   "pipeline, denoise it back, and store one normalised cross-attention map "
-                                   "per word. Resumable; runs under `accelerate launch`.")
+                       description="Invert each image a few steps with a text-to-image diffusion model (SD "
+                                   "v1.x/2.x, SDXL, PixArt, SD3, Flux), denoise it back, and store one normalised "
+                                   "map of its text attention per word. Resumable; runs under `accelerate launch`.")
     add_dataclass_args(p, ExtractConfig)
     p.set_defaults(func=cmd_extract)
 
