@@ -15,13 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from family_testers import chat, noise_image, save_tiny, word_level
-from tokenizers import AddedToken, decoders
+from family_testers import chat_batch, chat_word_level, save_tiny
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, PreTrainedTokenizerFast
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from vlm_testers import VLMTester
-
-from lavender.world.base_vlm import DIGITS, PUNCTUATION, tokenizer_words
 
 FRAME, PATCH, POOLING = 16, 2, 2  # frame pixels, patch pixels, patches per token side
 SIDE = FRAME // PATCH // POOLING  # tokens per side of a frame
@@ -62,15 +59,8 @@ CHAT_TEMPLATE = r"""{{- bos_token -}}
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level: the shapes world's words, roles, digits and punctuation, "\\n" and "\\n\\n", then the specials."""
-    words = sorted({w.lower() for w in tokenizer_words()} | {"user", "model"})
-    pieces = list(dict.fromkeys([*words, *DIGITS, *PUNCTUATION]))
-    vocab = {t: i for i, t in enumerate([*pieces, "\n", "\n\n", *SPECIAL_TOKENS])}
-    tok = word_level(vocab, UNK)
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("\n\n", "\n")])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=chat_word_level({"user", "model"}, ("\n", "\n\n"), SPECIAL_TOKENS, UNK),
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
@@ -157,14 +147,7 @@ SAMPLES = (
 
 def gemma3_inputs(padding_side: str = "left", count: int = 2, pan_and_scan: bool = True) -> dict:
     """The first `count` of `SAMPLES` through the processor, padded on `padding_side`."""
-    processor = build_processor()
-    samples = SAMPLES[:count]
-    texts = [processor.apply_chat_template(chat(q, a), tokenize=False) for q, a, _, _ in samples]
-    images = [[noise_image(h, w, seed=i)] for i, (_, _, h, w) in enumerate(samples)]
-    options = PAN_AND_SCAN if pan_and_scan else {}
-    return dict(
-        processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt", **options)
-    )
+    return chat_batch(build_processor(), SAMPLES[:count], padding_side, **(PAN_AND_SCAN if pan_and_scan else {}))
 
 
 def save_tiny_gemma3(out: str | Path, window: int = 512, frame: int = 2 * FRAME) -> Path:

@@ -16,8 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from family_testers import chat, noise_image, save_tiny, word_level
-from tokenizers import AddedToken, decoders
+from family_testers import chat_batch, chat_word_level, save_tiny
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -30,8 +29,6 @@ from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3I
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 from vlm_testers import VLMTester
-
-from lavender.world.base_vlm import DIGITS, PUNCTUATION, tokenizer_words
 
 CROP, PATCH, SCALE = 16, 2, 2  # crop pixels, patch pixels, pixel-shuffle factor
 SIDE = CROP // PATCH // SCALE  # tokens per side of a frame
@@ -48,15 +45,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level: the shapes world's words, roles, digits and punctuation, a newline token, then the specials.
 
     Spaces make no token, a newline does; text is lower-cased (the chat template writes "User", "Assistant")."""
-    words = sorted({w.lower() for w in tokenizer_words()} | {"user", "assistant"})
-    pieces = list(dict.fromkeys([*words, *DIGITS, *PUNCTUATION]))
-    vocab = {t: i for i, t in enumerate([*pieces, "\n", *SPECIAL_TOKENS])}
-    tok = word_level(vocab, UNK)
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=chat_word_level({"user", "assistant"}, ("\n",), SPECIAL_TOKENS, UNK),
         bos_token=START,
         eos_token=END_OF_UTTERANCE,
         pad_token=PAD,
@@ -135,11 +125,7 @@ SAMPLES = (
 
 def idefics3_inputs(padding_side: str = "left", count: int = 2, kind: str = "idefics3") -> dict:
     """The first `count` of `SAMPLES` through the processor (frames padded by it), padded on `padding_side`."""
-    processor = build_processor(kind)
-    samples = SAMPLES[:count]
-    texts = [processor.apply_chat_template(chat(q, a), tokenize=False) for q, a, _, _ in samples]
-    images = [[noise_image(h, w, seed=i)] for i, (_, _, h, w) in enumerate(samples)]
-    return dict(processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt"))
+    return chat_batch(build_processor(kind), SAMPLES[:count], padding_side)
 
 
 def save_tiny_idefics3(out: str | Path, kind: str = "idefics3") -> Path:

@@ -14,14 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from family_testers import chat, noise_image, word_level
-from tokenizers import AddedToken, decoders
+from family_testers import chat, chat_word_level, noise_image
 from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsProcessor, PreTrainedTokenizerFast
 from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
 from vlm_testers import VLMTester
 
 from lavender.vlm.idefics import IdeficsChatProcessor, as_chat_processor
-from lavender.world.base_vlm import DIGITS, PUNCTUATION, tokenizer_words
 
 SIZE, PATCH = 16, 4  # image pixels, patch pixels
 GRID = SIZE // PATCH  # patches per side
@@ -41,13 +39,7 @@ CHAT_TEMPLATE = (
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level: the shapes world's words, roles, digits and punctuation, a newline token, then the specials.
     Spaces make no token, a newline does; text is lower-cased; the template writes BOS."""
-    words = sorted({w.lower() for w in tokenizer_words()} | {"user", "assistant", "system"})
-    pieces = list(dict.fromkeys([*words, *DIGITS, *PUNCTUATION]))
-    vocab = {t: i for i, t in enumerate([*pieces, "\n", *SPECIAL_TOKENS])}
-    tok = word_level(vocab, UNK)
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok = chat_word_level({"user", "assistant", "system"}, ("\n",), SPECIAL_TOKENS, UNK)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=UNK,
                                    model_max_length=1024, chat_template=CHAT_TEMPLATE,
                                    clean_up_tokenization_spaces=False, extra_special_tokens={"image_token": IMAGE})

@@ -18,8 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from family_testers import chat, noise_image, save_tiny, word_level
-from tokenizers import AddedToken, decoders
+from family_testers import chat_batch, chat_word_level, save_tiny
 from transformers import (
     InternVLConfig,
     InternVLForConditionalGeneration,
@@ -29,8 +28,6 @@ from transformers import (
 )
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from vlm_testers import VLMTester
-
-from lavender.world.base_vlm import DIGITS, PUNCTUATION, tokenizer_words
 
 TILE, PATCH = 16, 2  # tile pixels, patch pixels
 SIDE = TILE // PATCH // 2  # tokens per side of a frame after the 2 x 2 pixel shuffle
@@ -57,15 +54,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     InternVL's image tokens named as its processor reads them (`start_image_token`, `context_image_token`, ...).
 
     Spaces make no token, a newline does; text is lower-cased."""
-    words = sorted({w.lower() for w in tokenizer_words()} | {"user", "assistant", "system"})
-    pieces = list(dict.fromkeys([*words, *DIGITS, *PUNCTUATION]))
-    vocab = {t: i for i, t in enumerate([*pieces, "\n", *SPECIAL_TOKENS])}
-    tok = word_level(vocab, UNK)
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=chat_word_level({"user", "assistant", "system"}, ("\n",), SPECIAL_TOKENS, UNK),
         eos_token=END,
         pad_token=PAD,
         unk_token=UNK,
@@ -168,11 +158,7 @@ SAMPLES = (
 
 def internvl_inputs(padding_side: str = "left", count: int = 2) -> dict:
     """The first `count` of `SAMPLES` through the saved processor, padded on `padding_side`."""
-    processor = saved_processor()
-    samples = SAMPLES[:count]
-    texts = [processor.apply_chat_template(chat(q, a), tokenize=False) for q, a, _, _ in samples]
-    images = [[noise_image(h, w, seed=i)] for i, (_, _, h, w) in enumerate(samples)]
-    return dict(processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt"))
+    return chat_batch(saved_processor(), SAMPLES[:count], padding_side)
 
 
 def save_tiny_internvl(out: str | Path, text_model: str = "qwen2") -> Path:

@@ -9,23 +9,14 @@ frozen VLM, a broken capture, a detached map): both runs would then train the VL
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+from family_testers import map_distance as _distance
 from vlm_testers import save_tiny_llava
 
-from lavender.data.targets import AttentionTargets
 from lavender.eval.attention import AttentionMapsConfig, write_attention_store
 from lavender.train.config import TrainConfig
 from lavender.train.trainer import train
 from lavender.world.oracle import write_oracle_store
-
-
-def _distance(maps_store, oracle_store) -> float:
-    """Mean squared difference between the VLM's min-max-normalised word maps and the oracle's."""
-    vlm, oracle = AttentionTargets(maps_store), AttentionTargets(oracle_store)
-    errors = [float(np.mean((m - oracle[sid][w]) ** 2)) for sid in vlm for w, m in vlm[sid].items()]
-    assert len(errors) > 20
-    return float(np.mean(errors))
 
 
 @pytest.mark.parametrize("family", ["llava", "mllama", "qwen2_vl"])

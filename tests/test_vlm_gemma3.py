@@ -4,12 +4,26 @@ both stages, refusals, the saved model, and the stage-2 data, training and evalu
 
 from __future__ import annotations
 
-import family_testers
-import numpy as np
 import pytest
-import test_vlm_adapters as suite
 import torch
-from family_testers import assert_marker_in_cell, attention_maps, chat, noise_image, train_toward, with_marker_in_cell
+from family_testers import (
+    assert_attention_moves_toward_the_targets,
+    assert_eval_attention_reads,
+    assert_marker_in_cell,
+    assert_offsets_index_the_chat,
+    assert_same_weights,
+    assert_trains,
+    chat,
+    check_labels_and_words,
+    embedding_change,
+    first_tester_suite,
+    image_token_change,
+    marked_cells,
+    noise_image,
+    one_chat_each,
+    stage2_dataset,
+    with_marker_in_cell,
+)
 from gemma3_testers import (
     BOI,
     EOI,
@@ -26,7 +40,6 @@ from gemma3_testers import (
 )
 
 from lavender.data.frame import common_view, frame_box
-from lavender.train.data import offsets_in_chat
 from lavender.vlm.base import adapter_for, supported_model_types
 from lavender.vlm.gemma3 import Gemma3Adapter, Gemma3Layout, crop_grid, layout_to_plane, sample_layouts
 from lavender.vlm.idefics3 import IMAGE_KEYS
@@ -35,24 +48,7 @@ TESTER = Gemma3Tester()
 
 
 # -- the shared suite (tests/test_vlm_adapters.py), run for this family ------------------------------------------
-@pytest.mark.parametrize("attn", ["sdpa", "eager", suite.USER_KERNEL])
-def test_rows_equal_eager_attention_and_logits_stay_exact(attn):
-    suite.test_rows_equal_eager_attention_and_logits_stay_exact(TESTER, attn)
-
-
-@pytest.mark.parametrize(
-    "check",
-    [
-        suite.test_per_sample_rows_equal_the_same_rows_shared,
-        suite.test_bf16_rows_keep_float32_precision,
-        suite.test_rows_train_q_and_k_also_checkpointed_and_through_lora,
-        suite.test_learned_projections_start_equal_and_move_only_the_loss_rows,
-        suite.test_kernels_without_a_readable_mask_are_refused,
-    ],
-    ids=lambda f: f.__name__.removeprefix("test_"),
-)
-def test_the_shared_suite(check):
-    check(TESTER)
+test_rows_equal_eager_attention_and_logits_stay_exact, test_the_shared_suite = first_tester_suite([TESTER])
 
 
 def test_the_tester_exercises_the_sliding_window_and_the_image_blocks():
@@ -124,10 +120,6 @@ def test_frames_lay_out_on_the_crop_canvas_and_the_global_view(grid):
         torch.testing.assert_close(layout_to_plane(values, only_global, keys), values.view(side, side))
 
 
-def embedding_change(model, batch) -> torch.Tensor:
-    return family_testers.embedding_change(model, batch)
-
-
 def local_model(frame: int = FRAME):
     """The tiny model with its vision encoder's layers removed, so each soft token sees only its own pixels."""
     model = tiny_gemma3("sdpa", frame=frame)
@@ -156,15 +148,9 @@ def test_soft_tokens_land_on_their_cell(width, height, pan_and_scan, grid):
     pixels = FRAME // SIDE
     rows, cols = height // pixels, width // pixels
     cells = [(r, c) for r in range(rows) for c in range(cols) if (r + 2 * c) % 3 == 0]
-    base = noise_image(height, width, seed=3)
-    images = family_testers.marked_images(base, rows, cols, pixels)
-    images = [images[0]] + [images[1 + r * cols + c] for r, c in cells]
-    text = processor.apply_chat_template(chat("what is this ?", "a square ."), tokenize=False)
-    options = PAN_AND_SCAN if pan_and_scan else {}
-    batch = dict(processor(text=[text] * len(images), images=[[im] for im in images], return_tensors="pt", **options))
-    change = embedding_change(model, batch)
-    image = batch["input_ids"] == adapter.image_token_id
-    assert change[~image].max() == 0
+    images = marked_cells(noise_image(height, width, seed=3), cells, pixels)
+    batch = one_chat_each(processor, images, **(PAN_AND_SCAN if pan_and_scan else {}))
+    change, _ = image_token_change(model, batch, adapter.image_token_id)
     n_rows = grid[0]
     assert {(layout.n_rows, layout.n_cols) for layout in adapter.layouts(batch)} == {grid}
 
@@ -267,8 +253,7 @@ def test_saved_model_and_processor_load_and_train(saved):
     assert isinstance(processor, Gemma3Processor)
     assert type(processor.image_processor).__name__ == "Gemma3ImageProcessorPil"
     assert model.config.model_type == "gemma3" and adapter_for(model).image_token_id == TESTER.image_token_id
-    for name, value in tiny_gemma3("sdpa", window=512, frame=2 * FRAME).state_dict().items():
-        assert torch.equal(model.state_dict()[name], value), name
+    assert_same_weights(model, tiny_gemma3("sdpa", window=512, frame=2 * FRAME))
 
     text = processor.apply_chat_template(chat("what is this ?", "a red circle ."), tokenize=False)
     turns = (
@@ -283,10 +268,7 @@ def test_saved_model_and_processor_load_and_train(saved):
     assert replacement == f"\n\n{BOI}{IMAGE * 4 * SEQ}{EOI}\n\n"  # blank lines around the 8 x 8 soft tokens
     assert batch["pixel_values"].shape == (1, 3, 2 * FRAME, 2 * FRAME)
     assert "token_type_ids" in batch  # what gives the image tokens their bidirectional mask
-    labels = batch["input_ids"].masked_fill(batch["input_ids"] == adapter_for(model).image_token_id, -100)
-    loss = model(**batch, labels=labels).loss
-    loss.backward()
-    assert torch.isfinite(loss) and model.lm_head.weight.grad.abs().sum() > 0
+    assert_trains(model, batch, adapter_for(model).image_token_id)
     # what `lavender train` gets: no crops, even from an image processor set to pan and scan (the processor's own
     # default wins), unless the call asks for them
     processor.image_processor.do_pan_and_scan = True
@@ -303,34 +285,16 @@ def test_offsets_in_chat_index_the_rendered_chat(pan_and_scan):
     text token spans its own text in the rendered chat and everything the processor wrote has an empty span. The
     chat's newline before `<start_of_image>` and the processor's blank line after it become one token; it keeps only
     the chat's newline."""
-    processor = build_processor()
-    text = processor.apply_chat_template(chat("how many squares are there ?", "two ."), tokenize=False)
-    batch = processor(
-        text=[text],
-        images=[[noise_image(16, 32, seed=0)]],
-        return_offsets_mapping=True,
-        return_text_replacement_offsets=True,
-        **(PAN_AND_SCAN if pan_and_scan else {}),
-    )
-    replacements = batch["text_replacement_offsets"][0]
-    assert replacements[0]["span"] == (text.index(BOI), text.index(BOI) + len(BOI))
-    offsets = offsets_in_chat(torch.tensor(batch["offset_mapping"][0]), replacements)
-    tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
-    ((start, end),) = [r["new_span"] for r in replacements]
-    expanded = torch.tensor(batch["offset_mapping"][0])
-    image_part = (expanded[:, 0] >= start) & (expanded[:, 0] < end)
     frames = 3 if pan_and_scan else 1
     words = 15 if pan_and_scan else 0  # "here is the original image and here are some crops to help you see better"
-    assert image_part.sum() == frames * (SEQ + 4) + words
-    into = (expanded[:, 0] < start) & (expanded[:, 1] > start)
-    assert into.sum() == (0 if pan_and_scan else 1)  # pan-and-scan's sentence starts with a word
-    for token, (s, e), inside, joined in zip(tokens, offsets.tolist(), image_part.tolist(), into.tolist()):
-        if inside:
-            assert s == e == text.index(BOI)
-        elif joined:
-            assert token == "\n\n" and text[s:e] == "\n" and e == text.index(BOI)
-        else:
-            assert text[s:e].lower() == token, (token, text[s:e])
+    assert_offsets_index_the_chat(
+        build_processor(),
+        BOI,
+        noise_image(16, 32, seed=0),
+        frames * (SEQ + 4) + words,
+        joined=() if pan_and_scan else (("\n\n", "\n"),),  # pan-and-scan's sentence starts with a word
+        **(PAN_AND_SCAN if pan_and_scan else {}),
+    )
 
 
 def test_labels_are_the_answer_and_each_word_sits_on_its_token(saved, tiny_world, oracle):
@@ -339,38 +303,12 @@ def test_labels_are_the_answer_and_each_word_sits_on_its_token(saved, tiny_world
     own token, after the blank lines, tags and 64 soft tokens the processor writes in place of `<start_of_image>`."""
     from transformers import AutoProcessor
 
-    from lavender.train.data import StageTwoDataset, conversation
-
     processor = AutoProcessor.from_pretrained(saved)
-    tokenizer = processor.tokenizer
-    dataset = StageTwoDataset.from_paths(
-        str(tiny_world),
-        processor,
-        TESTER.image_token_id,
-        str(oracle),
-        instruction="Describe the image.",
-        max_length=512,
-        view=Gemma3Adapter.image_view,
-    )
-    checked_words = 0
-    for index in range(6):
-        sample = dataset.samples[index]
-        encoded = dataset[index]
-        ids, labels = encoded.inputs["input_ids"][0], encoded.inputs["labels"][0]
-        assert int((ids == TESTER.image_token_id).sum()) == 4 * SEQ
-        labelled = tokenizer.convert_ids_to_tokens(ids[labels != -100])
-        answers = [
-            t
-            for role, text in conversation(sample, dataset.instruction)
-            if role == "assistant"
-            for t in [*tokenizer.tokenize(text), "<end_of_turn>", "\n"]
-        ]
-        assert labelled == answers, (labelled, answers)
-        assert encoded.words
-        for word in encoded.words:
-            assert [tokenizer.convert_ids_to_tokens(int(ids[r])) for r in word.rows] == [word.word.lower()]
-            checked_words += 1
-    assert checked_words >= 6
+    dataset = stage2_dataset(tiny_world, oracle, processor, Gemma3Adapter.image_view, TESTER.image_token_id)
+    encoded = check_labels_and_words(dataset, processor.tokenizer, ("<end_of_turn>", "\n"), samples=6)
+    for enc in encoded:
+        assert int((enc.inputs["input_ids"][0] == TESTER.image_token_id).sum()) == 4 * SEQ
+    assert sum(len(enc.words) for enc in encoded) >= 6
 
 
 # -- training moves the VLM's own attention; evaluation reads it --------------------------------------------------
@@ -387,40 +325,8 @@ def test_the_vlms_own_attention_moves_toward_the_targets(saved, tiny_world, tmp_
     Measured with seed 0 (before, plain, aligned): correlation with the masks -0.00, 0.02, 0.31; distance 0.202,
     0.163, 0.110; the trained Aligner's output against its input +0.41. Seeds 2 and 3 keep the sign too (+0.46,
     +0.41), seed 1 does not (-0.11, and the attention does not move)."""
-    from test_attention_moves import _distance
-    from test_vlm_llava_next import _correlation
-
-    from lavender.world.oracle import write_oracle_store
-
-    oracle = write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path / "oracle", resolution=8)
-
-    def maps(out, **kwargs):
-        return attention_maps(saved, tiny_world, oracle, out, **kwargs)
-
-    raw, final = {}, None
-    for lam in (0.0, 100.0):
-        out = tmp_path / f"lam{lam:g}"
-        final = train_toward(saved, tiny_world, oracle, out, lam, steps=STEPS, seed=SEED)
-        raw[lam] = maps(out / "maps", adapter=str(final))
-    raw["before"] = maps(tmp_path / "before")
-    read = maps(tmp_path / "read", adapter=str(final), aligner=True)
-    assert _correlation(read, raw[100.0]) > 0.3, "the trained Aligner inverts its input: see the docstring"
-    toward = {run: _correlation(store, oracle) for run, store in raw.items()}
-    distance = {run: _distance(store, oracle) for run, store in raw.items()}
-    assert toward[100.0] > max(toward[0.0], toward["before"]) + 0.2, toward
-    assert distance[100.0] < 0.9 * distance["before"], distance
-    assert distance[100.0] < 0.9 * distance[0.0], distance
+    assert_attention_moves_toward_the_targets(saved, tiny_world, tmp_path, steps=STEPS, seed=SEED)
 
 
 def test_lavender_eval_attention_reads_it(saved, tiny_world, oracle, tmp_path):
-    from lavender.cli import main
-    from lavender.data.targets import AttentionTargets
-
-    out = tmp_path / "maps"
-    argv = ["eval", "attention", "--model", str(saved), "--data", str(tiny_world), "--targets", str(oracle)]
-    assert main([*argv, "--out", str(out), "--limit", "3", "--batch-size", "2"]) == 0
-    maps = AttentionTargets(out)
-    assert len(maps) == 3
-    for sample_id in maps:
-        for amap in maps[sample_id].values():
-            assert np.isfinite(amap).all() and amap.max() > amap.min()
+    assert_eval_attention_reads(saved, tiny_world, oracle, tmp_path / "maps")

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pytest
 import torch
-from family_testers import adapter_suite, attention_maps, chat, noise_image, train_toward
+from family_testers import (
+    adapter_suite,
+    assert_attention_moves_toward_the_targets,
+    assert_eval_attention_reads,
+    assert_same_weights,
+    chat,
+    check_labels_and_words,
+    noise_image,
+    stage2_dataset,
+)
 from idefics_testers import (
     AROUND,
     CHAT_TEMPLATE,
@@ -287,8 +295,7 @@ def test_saved_model_loads_with_its_processor(saved):
     processor = load_processor(str(saved))
     assert isinstance(processor, IdeficsChatProcessor) and processor.chat_template == CHAT_TEMPLATE
     model = AutoModelForImageTextToText.from_pretrained(saved)
-    for name, value in tiny_idefics("sdpa").state_dict().items():
-        assert torch.equal(model.state_dict()[name], value), name
+    assert_same_weights(model, tiny_idefics("sdpa"))
 
 
 def test_full_fine_tuning_opens_the_decoder_and_not_the_vision_side(saved, monkeypatch):
@@ -314,25 +321,17 @@ def test_labels_are_the_answer_and_each_word_sits_on_its_token(saved, tiny_world
     """Rendered chats of the tiny world through the processor lavender loads: the labels are exactly the answer's
     tokens and its `<end_of_utterance>` and newline, and every aligned word's rows are its own token, after the three
     tokens the processor writes for the image."""
-    from lavender.train.data import IGNORE, StageTwoDataset, conversation
     from lavender.train.trainer import load_processor
 
     processor = load_processor(str(saved))
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids(IMAGE)
-    data = StageTwoDataset.from_paths(str(tiny_world), processor, image_id, str(oracle),
-                                      instruction="Describe the image.", max_length=512, view=IdeficsAdapter.image_view)
-    for index in range(4):
-        sample, encoded = data.samples[index], data[index]
-        ids, labels = encoded.inputs["input_ids"][0], encoded.inputs["labels"][0]
+    data = stage2_dataset(tiny_world, oracle, processor, IdeficsAdapter.image_view, image_id)
+    for encoded in check_labels_and_words(data, tokenizer, (EOU, "\n")):
+        ids = encoded.inputs["input_ids"][0]
         assert tokenizer.convert_ids_to_tokens(ids[:6]) == ["<s>", "user", ":", AROUND, IMAGE, AROUND]
-        labelled = tokenizer.convert_ids_to_tokens(ids[labels != IGNORE])
-        answers = [t for role, text in conversation(sample, data.instruction) if role == "assistant"
-                   for t in [*tokenizer.tokenize(text), EOU, "\n"]]
-        assert labelled == answers, (labelled, answers)
-        assert encoded.words and encoded.view.in_plane == (0.0, 0.0, 1.0, 1.0)
+        assert encoded.view.in_plane == (0.0, 0.0, 1.0, 1.0)
         for word in encoded.words:
-            assert [tokenizer.convert_ids_to_tokens(int(ids[r])) for r in word.rows] == [word.word.lower()]
             assert all(encoded.inputs["image_attention_mask"][0, r, 0] == 1 for r in word.rows)
 
 
@@ -349,45 +348,12 @@ def test_the_vlms_own_attention_moves_toward_the_targets(saved, tiny_world, tmp_
     its input +0.57) and inverts it with 0, 1, 3, 4 and 5 (-0.63 to -0.68), the raw attention then moving toward the
     inverse of the masks. With seed 2, the correlation of the raw maps with the masks is 0.15 before training, 0.08
     after plain fine-tuning and 0.43 after aligned training; the mean squared difference 0.252, 0.168 and 0.096."""
-    from test_vlm_llava_next import _correlation, _distance
-
-    from lavender.world.oracle import write_oracle_store
-
-    oracle = write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path / "oracle", resolution=8)
-
-    def maps(out, **kwargs):
-        return attention_maps(saved, tiny_world, oracle, out, **kwargs)
-
-    raw, final = {}, None
-    for lam in (0.0, 100.0):
-        out = tmp_path / f"lam{lam:g}"
-        final = train_toward(saved, tiny_world, oracle, out, lam, steps=60, seed=SEED)
-        raw[lam] = maps(out / "maps", adapter=str(final))
-    raw["before"] = maps(tmp_path / "before")
-    read = maps(tmp_path / "read", adapter=str(final), aligner=True)
-    toward = {run: _correlation(store, oracle) for run, store in raw.items()}
-    distance = {run: _distance(store, oracle) for run, store in raw.items()}
-    assert _correlation(read, raw[100.0]) > 0.3, "the trained Aligner inverts its input: see the docstring"
-    assert toward[100.0] > max(toward[0.0], toward["before"]) + 0.2, toward
-    assert distance[100.0] < 0.9 * distance["before"], distance
-    assert distance[100.0] < 0.9 * distance[0.0], distance
+    assert_attention_moves_toward_the_targets(saved, tiny_world, tmp_path, steps=60, seed=SEED)
 
 
 @pytest.mark.parametrize("which", ["saved", "saved_resampler"])
 def test_lavender_eval_attention_reads_it(which, tiny_world, oracle, tmp_path, request):
-    from lavender.cli import main
-    from lavender.data.targets import AttentionTargets
-
-    out = tmp_path / "maps"
-    model = request.getfixturevalue(which)
-    args = ["eval", "attention", "--model", str(model), "--data", str(tiny_world), "--targets", str(oracle),
-            "--out", str(out), "--limit", "3", "--batch-size", "2"]
-    assert main(args) == 0
-    maps = AttentionTargets(out)
-    assert len(maps) == 3
-    for sample_id in maps:
-        for amap in maps[sample_id].values():
-            assert np.isfinite(amap).all() and amap.max() > amap.min()
+    assert_eval_attention_reads(request.getfixturevalue(which), tiny_world, oracle, tmp_path / "maps")
 
 
 def test_tiny_configs_are_of_the_real_class():

@@ -7,9 +7,25 @@ from __future__ import annotations
 import family_testers
 import numpy as np
 import pytest
-import test_vlm_adapters as suite
 import torch
-from family_testers import assert_marker_in_cell, attention_maps, chat, noise_image, train_toward, with_marker_in_cell
+from family_testers import (
+    assert_marker_in_cell,
+    assert_offsets_index_the_chat,
+    assert_same_weights,
+    assert_trains,
+    attention_maps,
+    chat,
+    check_labels_and_words,
+    first_tester_suite,
+    image_token_change,
+    map_distance,
+    marked_cells,
+    noise_image,
+    one_chat_each,
+    stage2_dataset,
+    train_toward,
+    with_marker_in_cell,
+)
 from idefics3_testers import (
     CROP,
     FAKE,
@@ -28,34 +44,14 @@ from idefics3_testers import (
 )
 
 from lavender.data.frame import common_view, frame_box
-from lavender.train.data import offsets_in_chat
 from lavender.vlm.base import adapter_for, supported_model_types
 from lavender.vlm.idefics3 import IMAGE_KEYS, Idefics3Adapter, frames_to_plane, image_layout
 
 TESTERS = [Idefics3Tester(kind) for kind in KINDS]
-by_kind = pytest.mark.parametrize("tester", TESTERS, ids=lambda t: t.id)
 
 
 # -- the shared suite (tests/test_vlm_adapters.py), run for this family ------------------------------------------
-@pytest.mark.parametrize("attn", ["sdpa", "eager", suite.USER_KERNEL])
-@by_kind
-def test_rows_equal_eager_attention_and_logits_stay_exact(tester, attn):
-    suite.test_rows_equal_eager_attention_and_logits_stay_exact(tester, attn)
-
-
-@pytest.mark.parametrize(
-    "check",
-    [
-        suite.test_per_sample_rows_equal_the_same_rows_shared,
-        suite.test_bf16_rows_keep_float32_precision,
-        suite.test_rows_train_q_and_k_also_checkpointed_and_through_lora,
-        suite.test_learned_projections_start_equal_and_move_only_the_loss_rows,
-        suite.test_kernels_without_a_readable_mask_are_refused,
-    ],
-    ids=lambda f: f.__name__.removeprefix("test_"),
-)
-def test_the_shared_suite(check):
-    check(TESTERS[0])
+test_rows_equal_eager_attention_and_logits_stay_exact, test_the_shared_suite = first_tester_suite(TESTERS)
 
 
 def test_adapter_for_picks_the_family_and_maps_every_sample():
@@ -133,17 +129,8 @@ def test_crop_tokens_land_on_their_cell(kind, width, height, longest, grid):
     pixels = CROP // SIDE  # the pixels of one token: 2 x 2 patches of 2 pixels
     rows, cols = height // pixels, width // pixels
     cells = [(r, c) for r in range(rows) for c in range(cols) if (r + 2 * c) % 3 == 0]
-    base = noise_image(height, width, seed=3)
-    images = [base]
-    for r, c in cells:
-        marked = base.copy()
-        marked.paste((255, 0, 255), (c * pixels, r * pixels, (c + 1) * pixels, (r + 1) * pixels))
-        images.append(marked)
-    text = processor.apply_chat_template(chat("what is this ?", "a square ."), tokenize=False)
-    batch = dict(processor(text=[text] * len(images), images=[[im] for im in images], return_tensors="pt"))
-    change = embedding_change(model, batch)
-    image = batch["input_ids"] == adapter.image_token_id
-    assert change[~image].max() == 0
+    batch = one_chat_each(processor, marked_cells(noise_image(height, width, seed=3), cells, pixels))
+    change, _ = image_token_change(model, batch, adapter.image_token_id, model.model.text_model)
     layout = image_layout(batch["input_ids"][0], adapter.image_token_id, SIDE)
     assert (layout.n_rows, layout.n_cols) == grid
 
@@ -222,8 +209,7 @@ def test_saved_model_and_processor_load_and_train(tmp_path, kind):
         "SmolVLMImageProcessorPil" if kind == "smolvlm" else "Idefics3ImageProcessorPil"
     )
     assert model.config.model_type == kind and adapter_for(model).image_token_id == processor.image_token_id
-    for name, value in tiny_idefics3("sdpa", kind).state_dict().items():
-        assert torch.equal(model.state_dict()[name], value), name
+    assert_same_weights(model, tiny_idefics3("sdpa", kind))
 
     text = processor.apply_chat_template(chat("what is this ?", "a red circle ."), tokenize=False)
     turns = "<|im_start|>User:<image>what is this ?<end_of_utterance>\nAssistant: a red circle .<end_of_utterance>\n"
@@ -237,72 +223,15 @@ def test_saved_model_and_processor_load_and_train(tmp_path, kind):
         1, 2, SEQ, fake_token_around_image=FAKE, image_token=IMAGE, global_image_token=GLOBAL
     )
     assert batch["pixel_values"].shape == (1, 3, 3, 16, 16)
-    labels = batch["input_ids"].masked_fill(batch["input_ids"] == processor.image_token_id, -100)
-    loss = model(**batch, labels=labels).loss
-    loss.backward()
-    assert torch.isfinite(loss) and model.lm_head.weight.grad.abs().sum() > 0
+    assert_trains(model, batch, processor.image_token_id)
 
 
 # -- stage-2 data: labels and aligned words -----------------------------------------------------------------------
 def test_offsets_in_chat_index_the_rendered_chat():
     """The processor's offsets index its expanded text; moved by `offsets_in_chat`, every text token spans its own
     text in the rendered chat and everything the processor wrote for the image has an empty span."""
-    processor = build_processor()
-    text = processor.apply_chat_template(chat("how many squares are there ?", "two ."), tokenize=False)
-    batch = processor(
-        text=[text],
-        images=[[noise_image(32, 32, seed=0)]],
-        return_offsets_mapping=True,
-        return_text_replacement_offsets=True,
-    )
-    replacements = batch["text_replacement_offsets"][0]
-    assert replacements[0]["span"] == (text.index(IMAGE), text.index(IMAGE) + len(IMAGE))
-    offsets = offsets_in_chat(torch.tensor(batch["offset_mapping"][0]), replacements)
-    tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
-    ((start, end),) = [r["new_span"] for r in replacements]
-    expanded = torch.tensor(batch["offset_mapping"][0])
-    image_part = (expanded[:, 0] >= start) & (expanded[:, 0] < end)
-    assert image_part.sum() == 5 * SEQ + 4 + 6 + 1 + 3  # 5 frames, 4 markers, 6 fakes, the tag, 3 newlines
-    for token, (s, e), inside in zip(tokens, offsets.tolist(), image_part.tolist()):
-        if inside:
-            assert s == e == text.index(IMAGE)
-        else:
-            assert text[s:e].lower() == token, (token, text[s:e])
-
-
-def stage2_dataset(tiny_world, oracle, processor):
-    from lavender.train.data import StageTwoDataset
-
-    return StageTwoDataset.from_paths(
-        str(tiny_world),
-        processor,
-        processor.image_token_id,
-        str(oracle),
-        instruction="Describe the image.",
-        max_length=512,
-        view=Idefics3Adapter.image_view,
-    )
-
-
-def check_labels_and_words(dataset, processor) -> None:
-    from lavender.train.data import conversation
-
-    tokenizer = processor.tokenizer
-    for index in range(4):
-        sample = dataset.samples[index]
-        encoded = dataset[index]
-        ids, labels = encoded.inputs["input_ids"][0], encoded.inputs["labels"][0]
-        labelled = tokenizer.convert_ids_to_tokens(ids[labels != -100])
-        answers = [
-            t
-            for role, text in conversation(sample, dataset.instruction)
-            if role == "assistant"
-            for t in [*tokenizer.tokenize(text), "<end_of_utterance>", "\n"]
-        ]  # every turn's end marks
-        assert labelled == answers, (labelled, answers)
-        assert encoded.words
-        for word in encoded.words:
-            assert [tokenizer.convert_ids_to_tokens(int(ids[r])) for r in word.rows] == [word.word.lower()]
+    image_part = 5 * SEQ + 4 + 6 + 1 + 3  # 5 frames, 4 markers, 6 fakes, the tag, 3 newlines
+    assert_offsets_index_the_chat(build_processor(), IMAGE, noise_image(32, 32, seed=0), image_part)
 
 
 def test_labels_are_the_answer_and_each_word_sits_on_its_token(tiny_world, oracle):
@@ -310,7 +239,8 @@ def test_labels_are_the_answer_and_each_word_sits_on_its_token(tiny_world, oracl
     word's rows are its own token, after the ~100 tokens the processor writes for the image (the data pipeline moves
     the processor's offsets back into the chat with `offsets_in_chat`)."""
     processor = build_processor()
-    check_labels_and_words(stage2_dataset(tiny_world, oracle, processor), processor)
+    dataset = stage2_dataset(tiny_world, oracle, processor, Idefics3Adapter.image_view)
+    check_labels_and_words(dataset, processor.tokenizer, ("<end_of_utterance>", "\n"))  # every turn's end marks
 
 
 # -- training moves the VLM's own attention ----------------------------------------------------------------------
@@ -327,8 +257,6 @@ def test_the_vlms_own_attention_moves_toward_the_targets(tiny_world, tmp_path):
     that the conv Aligner then reads. Optimising q and k directly against the same maps (no Aligner) brings the
     distance from 0.28 to 0.06 in 30 steps, so the rows, the canvas and the targets line up; what the Aligner
     lets the tiny VLM learn instead is left open. So only the first claim is asserted."""
-    from test_attention_moves import _distance
-
     from lavender.world.oracle import write_oracle_store
 
     model = save_tiny_idefics3(tmp_path / "idefics3")
@@ -337,7 +265,9 @@ def test_the_vlms_own_attention_moves_toward_the_targets(tiny_world, tmp_path):
     for lam in (0.0, 100.0):
         out = tmp_path / f"lam{lam:g}"
         final = train_toward(model, tiny_world, oracle, out, lam, steps=40)
-        distance[lam] = _distance(attention_maps(model, tiny_world, oracle, out / "maps", adapter=str(final)), oracle)
-    distance["before"] = _distance(attention_maps(model, tiny_world, oracle, tmp_path / "before"), oracle)
+        distance[lam] = map_distance(
+            attention_maps(model, tiny_world, oracle, out / "maps", adapter=str(final)), oracle
+        )
+    distance["before"] = map_distance(attention_maps(model, tiny_world, oracle, tmp_path / "before"), oracle)
     assert np.isfinite(list(distance.values())).all()
     assert distance[100.0] < 0.9 * distance["before"], distance

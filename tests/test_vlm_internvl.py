@@ -6,17 +6,27 @@ training that moves the VLM's own attention toward the targets; and `lavender ev
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import test_vlm_adapters as suite
 import torch
 from family_testers import (
+    assert_attention_moves_toward_the_targets,
+    assert_eval_attention_reads,
     assert_marker_in_cell,
-    attention_maps,
+    assert_offsets_index_the_chat,
+    assert_same_weights,
+    assert_trains,
     chat,
+    check_labels_and_words,
+    collated_rows,
+    colour_question_dataset,
     embedding_change,
+    first_tester_suite,
+    image_token_change,
+    marked_cells,
     noise_image,
-    train_toward,
+    one_chat_each,
+    stage2_dataset,
     with_marker_in_cell,
 )
 from internvl_testers import (
@@ -49,25 +59,7 @@ TESTERS = [InternVLTester(), InternVLTester("qwen3")]
 
 
 # -- the shared suite (tests/test_vlm_adapters.py), run for this family ------------------------------------------
-@pytest.mark.parametrize("attn", ["sdpa", "eager", suite.USER_KERNEL])
-@pytest.mark.parametrize("tester", TESTERS, ids=lambda t: t.id)
-def test_rows_equal_eager_attention_and_logits_stay_exact(tester, attn):
-    suite.test_rows_equal_eager_attention_and_logits_stay_exact(tester, attn)
-
-
-@pytest.mark.parametrize(
-    "check",
-    [
-        suite.test_per_sample_rows_equal_the_same_rows_shared,
-        suite.test_bf16_rows_keep_float32_precision,
-        suite.test_rows_train_q_and_k_also_checkpointed_and_through_lora,
-        suite.test_learned_projections_start_equal_and_move_only_the_loss_rows,
-        suite.test_kernels_without_a_readable_mask_are_refused,
-    ],
-    ids=lambda f: f.__name__.removeprefix("test_"),
-)
-def test_the_shared_suite(check):
-    check(TESTERS[0])
+test_rows_equal_eager_attention_and_logits_stay_exact, test_the_shared_suite = first_tester_suite(TESTERS)
 
 
 def test_learned_projections_through_the_qwen3_norms():
@@ -185,17 +177,10 @@ def test_a_marked_patch_changes_the_token_that_covers_it():
     grid = TILE // PATCH
     base = noise_image(TILE, TILE, seed=3)
     patches = [(r, c) for r in range(grid) for c in range(grid) if (r + 3 * c) % 5 == 0]
-    images = [base]
-    for r, c in patches:
-        marked = base.copy()
-        marked.paste((255, 0, 255), (c * PATCH, r * PATCH, (c + 1) * PATCH, (r + 1) * PATCH))
-        images.append(marked)
-    text = processor.apply_chat_template(chat("what is this ?", "a square ."), tokenize=False)
-    batch = dict(processor(text=[text] * len(images), images=[[im] for im in images], return_tensors="pt"))
+    images = marked_cells(base, patches, PATCH)
+    batch = one_chat_each(processor, images)
     assert batch["pixel_values"].shape[0] == len(images)  # one tile each, no thumbnail
-    change = embedding_change(model, batch)
-    image = batch["input_ids"] == adapter.image_token_id
-    assert change[~image].max() == 0
+    change, image = image_token_change(model, batch, adapter.image_token_id)
     planes = adapter.to_image(change[:, None, None, :], batch)
     for k, (r, c) in enumerate(patches, start=1):
         plane = planes[k][0, 0]
@@ -216,20 +201,12 @@ def test_tile_tokens_land_on_their_cell(width, height, grid):
     pixels = TILE // SIDE  # the pixels of one token: 2 x 2 patches of 2 pixels
     rows, cols = height // pixels, width // pixels
     cells = [(r, c) for r in range(rows) for c in range(cols) if (r + 2 * c) % 3 == 0]
-    base = noise_image(height, width, seed=3)
-    images = [base]
-    for r, c in cells:
-        marked = base.copy()
-        marked.paste((255, 0, 255), (c * pixels, r * pixels, (c + 1) * pixels, (r + 1) * pixels))
-        images.append(marked)
-    text = processor.apply_chat_template(chat("what is this ?", "a square ."), tokenize=False)
-    batch = dict(processor(text=[text] * len(images), images=[[im] for im in images], return_tensors="pt"))
+    images = marked_cells(noise_image(height, width, seed=3), cells, pixels)
+    batch = one_chat_each(processor, images)
     n_rows, n_cols = grid
     assert batch["pixel_values"].shape[0] == len(images) * (n_rows * n_cols + 1)
     assert [(lay.n_rows, lay.n_cols) for lay in adapter.layouts(batch)] == [grid] * len(images)
-    change = embedding_change(model, batch)
-    image = batch["input_ids"] == adapter.image_token_id
-    assert change[~image].max() == 0
+    change, image = image_token_change(model, batch, adapter.image_token_id)
 
     values = change[:, None, None, :]
     canvases, overviews, sums = (
@@ -307,8 +284,7 @@ def test_saved_model_and_processor_load_and_expand_images_as_internvl(saved):
     assert isinstance(processor, QianfanOCRProcessor)
     assert type(processor.image_processor).__name__ == "GotOcr2ImageProcessorPil"
     assert model.config.model_type == "internvl" and adapter_for(model).image_token_id == processor.image_token_id
-    for name, value in tiny_internvl("sdpa").state_dict().items():
-        assert torch.equal(model.state_dict()[name], value), name
+    assert_same_weights(model, tiny_internvl("sdpa"))
 
     # InternVL's own processor (built here without its video processor) writes the same
     reference = internvl_processor()
@@ -337,40 +313,15 @@ def test_saved_model_and_processor_load_and_expand_images_as_internvl(saved):
     assert replacement["replacement"] == IMG + CONTEXT * 5 * SEQ + IMG_END
 
     batch = {k: v for k, v in ours.items() if k != "offset_mapping"}
-    labels = batch["input_ids"].masked_fill(batch["input_ids"] == processor.image_token_id, -100)
     model.train()
-    loss = model(**batch, labels=labels).loss
-    loss.backward()
-    assert torch.isfinite(loss) and model.lm_head.weight.grad.abs().sum() > 0
+    assert_trains(model, batch, processor.image_token_id)
 
 
 # -- stage-2 data: labels and aligned words -----------------------------------------------------------------------
 def test_offsets_in_chat_index_the_rendered_chat():
     """The processor's offsets index its expanded text; moved by `offsets_in_chat`, every text token spans its own
     text in the rendered chat and `<img>`, the context tokens and `</img>` have an empty span at the placeholder."""
-    from lavender.train.data import offsets_in_chat
-
-    processor = saved_processor()
-    text = processor.apply_chat_template(chat("how many squares are there ?", "two ."), tokenize=False)
-    batch = processor(
-        text=[text],
-        images=[[noise_image(32, 32, seed=0)]],
-        return_offsets_mapping=True,
-        return_text_replacement_offsets=True,
-    )
-    replacements = batch["text_replacement_offsets"][0]
-    assert replacements[0]["span"] == (text.index(CONTEXT), text.index(CONTEXT) + len(CONTEXT))
-    offsets = offsets_in_chat(torch.tensor(batch["offset_mapping"][0]), replacements)
-    tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
-    ((start, end),) = [r["new_span"] for r in replacements]
-    expanded = torch.tensor(batch["offset_mapping"][0])
-    image_part = (expanded[:, 0] >= start) & (expanded[:, 0] < end)
-    assert image_part.sum() == 5 * SEQ + 2  # 2 x 2 tiles and the thumbnail, <img> and </img>
-    for token, (s, e), inside in zip(tokens, offsets.tolist(), image_part.tolist()):
-        if inside:
-            assert s == e == text.index(CONTEXT)
-        else:
-            assert text[s:e].lower() == token, (token, text[s:e])
+    assert_offsets_index_the_chat(saved_processor(), CONTEXT, noise_image(32, 32, seed=0), 5 * SEQ + 2)
 
 
 def test_labels_are_the_answer_and_each_word_sits_on_its_token(saved, tiny_world, oracle):
@@ -379,87 +330,30 @@ def test_labels_are_the_answer_and_each_word_sits_on_its_token(saved, tiny_world
     82 tokens the processor writes for each image (the data pipeline moves the offsets back into the chat)."""
     from transformers import AutoProcessor
 
-    from lavender.train.data import IGNORE, StageTwoDataset, conversation
+    from lavender.train.data import IGNORE
 
     processor = AutoProcessor.from_pretrained(saved)
-    tokenizer = processor.tokenizer
-    data = StageTwoDataset.from_paths(
-        str(tiny_world),
-        processor,
-        processor.image_token_id,
-        str(oracle),
-        instruction="Describe the image.",
-        max_length=512,
-        view=InternVLAdapter.image_view,
-    )
-    for index in range(4):
-        sample, encoded = data.samples[index], data[index]
+    data = stage2_dataset(tiny_world, oracle, processor, InternVLAdapter.image_view)
+    for encoded in check_labels_and_words(data, processor.tokenizer, ("<|im_end|>", "\n")):
         ids, labels = encoded.inputs["input_ids"][0], encoded.inputs["labels"][0]
         assert int((ids == processor.image_token_id).sum()) == 5 * SEQ  # a 32 x 32 scene: 2 x 2 tiles, thumbnail
         assert (labels[ids == processor.image_token_id] == IGNORE).all()
-        labelled = tokenizer.convert_ids_to_tokens(ids[labels != IGNORE])
-        answers = [
-            t
-            for role, text in conversation(sample, data.instruction)
-            if role == "assistant"
-            for t in [*tokenizer.tokenize(text), "<|im_end|>", "\n"]
-        ]
-        assert labelled == answers, (labelled, answers)
-        assert encoded.words and encoded.view.in_plane == (0.0, 0.0, 1.0, 1.0)
-        for word in encoded.words:
-            assert [tokenizer.convert_ids_to_tokens(int(ids[r])) for r in word.rows] == [word.word.lower()]
+        assert encoded.view.in_plane == (0.0, 0.0, 1.0, 1.0)
 
 
 def test_images_cut_into_different_numbers_of_tiles_train_in_one_batch(saved, tmp_path):
     """Two samples whose images get 2 x 3 and 1 x 2 tiles, encoded for stage 2 and collated: the collator concatenates
     their frames, each sample's logits equal its own forward's, and `to_image` gives each its own tile canvas."""
-    import json
-
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from lavender.data.samples import read_samples
-    from lavender.train.data import Collator, StageTwoDataset
 
     processor = AutoProcessor.from_pretrained(saved)
     model = AutoModelForImageTextToText.from_pretrained(saved).eval()
-    adapter = adapter_for(model)
-    records = []
-    for i, (width, height) in enumerate(((70, 50), (40, 20))):
-        photo_like(width, height, seed=i).save(tmp_path / f"{i}.png")
-        records.append(
-            {
-                "id": str(i),
-                "image": f"{i}.png",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nwhat colour is the square ?"},
-                    {"from": "gpt", "value": "green ."},
-                ],
-            }
-        )
-    (tmp_path / "data.json").write_text(json.dumps(records))
-    data = StageTwoDataset(
-        read_samples(tmp_path / "data.json"),
-        processor,
-        processor.image_token_id,
-        None,
-        instruction="Describe the image.",
-        max_length=512,
-    )
+    data = colour_question_dataset(processor, [photo_like(70, 50, seed=0), photo_like(40, 20, seed=1)], tmp_path)
     encoded = [data[0], data[1]]
     assert [e.inputs["pixel_values"].shape[0] for e in encoded] == [7, 3]
-    batch = Collator.for_processor(processor)(encoded)
-    inputs = {k: v for k, v in batch.inputs.items() if k != "labels"}
+    inputs, planes = collated_rows(model, processor, encoded)
     assert inputs["pixel_values"].shape[0] == 10
-    rows = torch.tensor([e.inputs["input_ids"].shape[1] - 1 for e in encoded])[:, None]  # each sample's last token
-    with torch.no_grad(), adapter.capture([1], rows) as captured:
-        logits = model(**inputs).logits
-    planes = adapter.to_image(captured[1], inputs)
     assert [p.shape[-2:] for p in planes] == [(2 * SIDE, 3 * SIDE), (SIDE, 2 * SIDE)]
-    for b, e in enumerate(encoded):
-        n = e.inputs["input_ids"].shape[1]
-        with torch.no_grad():
-            alone = model(**{k: v for k, v in e.inputs.items() if k != "labels"}).logits[0]
-        torch.testing.assert_close(logits[b, :n], alone, atol=1e-5, rtol=1e-5)
 
 
 # -- training moves the VLM's own attention ----------------------------------------------------------------------
@@ -477,57 +371,11 @@ def test_the_vlms_own_attention_moves_toward_the_targets(saved, tiny_world, tmp_
     3 and 5 (-0.4 to -0.6). With seed 4, the correlation of the raw maps with the masks is -0.09 before training,
     -0.02 after plain fine-tuning and +0.44 after aligned training; the mean squared difference 0.288, 0.102 and
     0.082."""
-    from test_vlm_llava_next import _correlation, _distance
-
-    from lavender.world.oracle import write_oracle_store
-
-    oracle = write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path / "oracle", resolution=8)
-
-    def maps(out, **kwargs):
-        return attention_maps(saved, tiny_world, oracle, out, **kwargs)
-
-    raw, final = {}, None
-    for lam in (0.0, 100.0):
-        out = tmp_path / f"lam{lam:g}"
-        final = train_toward(saved, tiny_world, oracle, out, lam, steps=60, seed=SEED)
-        raw[lam] = maps(out / "maps", adapter=str(final))
-    raw["before"] = maps(tmp_path / "before")
-    read = maps(tmp_path / "read", adapter=str(final), aligner=True)  # the aligned run's Aligner on the same rows
-    assert _correlation(read, raw[100.0]) > 0.3, "the trained Aligner inverts its input: see the docstring"
-    toward = {run: _correlation(store, oracle) for run, store in raw.items()}
-    distance = {run: _distance(store, oracle) for run, store in raw.items()}
-    assert toward[100.0] > max(toward[0.0], toward["before"]) + 0.2, toward
-    assert distance[100.0] < 0.9 * distance["before"], distance
-    assert distance[100.0] < 0.9 * distance[0.0], distance
+    assert_attention_moves_toward_the_targets(saved, tiny_world, tmp_path, steps=60, seed=SEED)
 
 
 def test_lavender_eval_attention_reads_it(saved, tiny_world, oracle, tmp_path):
-    from lavender.cli import main
-    from lavender.data.targets import AttentionTargets
-
-    out = tmp_path / "maps"
-    args = [
-        "eval",
-        "attention",
-        "--model",
-        str(saved),
-        "--data",
-        str(tiny_world),
-        "--targets",
-        str(oracle),
-        "--out",
-        str(out),
-        "--limit",
-        "3",
-        "--batch-size",
-        "2",
-    ]
-    assert main(args) == 0
-    maps = AttentionTargets(out)
-    assert len(maps) == 3
-    for sample_id in maps:
-        for amap in maps[sample_id].values():
-            assert np.isfinite(amap).all() and amap.max() > amap.min()
+    assert_eval_attention_reads(saved, tiny_world, oracle, tmp_path / "maps")
 
 
 def test_tiny_config_is_of_the_real_class():

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from family_testers import (
     adapter_suite,
+    assert_attention_moves_toward_the_targets,
     assert_marker_in_cell,
-    attention_maps,
+    assert_same_weights,
+    assert_trains,
     chat,
+    check_decoded_labels_and_words,
     marked_images,
     noise_image,
-    train_toward,
     with_marker_in_cell,
 )
 from qwen2_vl_testers import IMAGE_PAD, MERGE, PATCH, build_processor, qwen2_vl_inputs
@@ -208,8 +209,7 @@ def test_saved_model_and_processor_load(saved):
     built = tiny_config(moe)
     assert model.config.text_config.rope_parameters == built.text_config.rope_parameters  # interleaved M-RoPE kept
     assert list(model.config.vision_config.deepstack_visual_indexes) == DEEPSTACK
-    for name, value in tiny_qwen3_vl("sdpa", moe).state_dict().items():
-        assert torch.equal(model.state_dict()[name], value), name
+    assert_same_weights(model, tiny_qwen3_vl("sdpa", moe))
     assert adapter_for(model).image_token_id == processor.image_token_id
 
     # the saved stand-in encodes as Qwen3VLProcessor (without its video processor) does
@@ -223,48 +223,14 @@ def test_saved_model_and_processor_load(saved):
     for key in reference:
         assert torch.equal(batch[key], reference[key]), key
     inputs = {k: v for k, v in batch.items() if k != "offset_mapping"}
-    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-    labels = labels.masked_fill(labels == processor.image_token_id, -100)
-    loss = model(**inputs, labels=labels).loss
-    loss.backward()
-    assert torch.isfinite(loss) and model.lm_head.weight.grad.abs().sum() > 0
+    assert_trains(model, inputs, processor.image_token_id, ignore_padding=True)
 
 
 def test_labels_are_the_answer_and_words_sit_on_their_tokens(saved, tiny_world, tmp_path):
     from transformers import AutoProcessor
 
-    from lavender.data.samples import read_samples
-    from lavender.data.targets import AttentionTargets
-    from lavender.train.data import IGNORE, StageTwoDataset
-    from lavender.world.oracle import write_oracle_store
-
     processor = AutoProcessor.from_pretrained(saved[1])
-    samples = read_samples(tiny_world / "train.json")[:3]
-    store = AttentionTargets(write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path / "oracle"))
-    data = StageTwoDataset(samples, processor, processor.image_token_id, store, instruction="Describe the image.",
-                           max_length=512, view=Qwen3VLAdapter.image_view)
-    tok = processor.tokenizer
-    for i, sample in enumerate(samples):
-        enc = data[i]
-        ids, labels = enc.inputs["input_ids"][0], enc.inputs["labels"][0]
-        replies = [t for role, t in sample.turns if role == "assistant"]
-        expected = [w for r in replies for w in [*tok.decode(tok(r)["input_ids"]).split(), "<|im_end|>"]]
-        assert tok.decode(ids[labels != IGNORE]).split() == expected
-        assert (labels[ids == processor.image_token_id] == IGNORE).all()
-        assert enc.words and enc.view.in_plane == (0.0, 0.0, 1.0, 1.0)
-        for word in enc.words:  # each word's rows are its own tokens
-            assert tok.decode(ids[list(word.rows)]) == word.word
-            torch.testing.assert_close(word.target, torch.as_tensor(store[sample.id][word.word]))
-        assert {w.word for w in enc.words} == set(sample.caption.split()) & set(store.words(sample.id))
-
-
-def _correlation(store, other) -> float:
-    """Mean over the words of `store` of the Pearson correlation of its map with `other`'s map of the same word."""
-    from lavender.data.targets import AttentionTargets
-
-    a, b = AttentionTargets(store), AttentionTargets(other)
-    values = [np.corrcoef(m.ravel(), b[sid][w].ravel())[0, 1] for sid in a for w, m in a[sid].items()]
-    return float(np.nanmean(values))
+    check_decoded_labels_and_words(processor, tiny_world, tmp_path, Qwen3VLAdapter.image_view, "<|im_end|>")
 
 
 # seed of each training run: one with which the Aligner keeps the sign of its input (see the test)
@@ -285,28 +251,8 @@ def test_the_vlms_own_attention_moves_toward_the_targets(saved, tiny_world, tmp_
     0, 1, 2, 4 (+0.5 to +0.7; 0.44 to 0.47) and inverts it with 3 and 5 (-0.62, -0.26; -0.53, -0.19); Qwen3-VL-MoE
     keeps it with 1, 2, 4 (+0.6 to +0.7; 0.45 to 0.50) and inverts it with 0, 3, 5 (-0.6 to -0.7; about -0.57).
     Plain fine-tuning leaves the correlation between -0.06 and 0.13."""
-    from test_attention_moves import _distance
-
-    from lavender.world.oracle import write_oracle_store
-
     moe, model = saved
-    oracle = write_oracle_store(tiny_world / "masks-train.safetensors", tmp_path / "oracle", resolution=8)
-
-    def maps(out, **kwargs):
-        return attention_maps(model, tiny_world, oracle, out, **kwargs)
-
-    raw, final = {"before": maps(tmp_path / "before")}, None
-    for lam in (0.0, 100.0):
-        out = tmp_path / f"lam{lam:g}"
-        final = train_toward(model, tiny_world, oracle, out, lam, steps=60, seed=SEEDS[moe])
-        raw[lam] = maps(out / "maps", adapter=str(final))
-    read = maps(tmp_path / "read", adapter=str(final), aligner=True)  # the aligned run's Aligner on the same rows
-    assert _correlation(read, raw[100.0]) > 0.3, "the trained Aligner inverts its input: see the docstring"
-    toward = {run: _correlation(store, oracle) for run, store in raw.items()}
-    distance = {run: _distance(store, oracle) for run, store in raw.items()}
-    assert toward[100.0] > max(toward[0.0], toward["before"]) + 0.2, toward
-    assert distance[100.0] < 0.9 * distance["before"], distance
-    assert distance[100.0] < 0.9 * distance[0.0], distance
+    assert_attention_moves_toward_the_targets(model, tiny_world, tmp_path, steps=60, seed=SEEDS[moe])
 
 
 def test_the_qwen_image_pad_is_the_image_token():
