@@ -250,6 +250,26 @@ def assert_marker_in_cell(base: Image.Image, marked: Image.Image, plane, common,
     assert cell(resample(plane, common.in_plane, R)) == target_cell
 
 
+def marker_through_both_stages(model, adapter, processor, target_cell, text_model=None, **options):
+    """tests/test_frame.py's marker test for a family whose plane is the whole image: a 640 x 480 photo and a copy
+    with the marker in `target_cell` of the part both stages describe, through `processor` (with `options`) and
+    `model`; the change the marker makes to the image tokens' embeddings (those of `text_model`, see
+    `embedding_change`), on `adapter`'s plane, and stage 1's map both put it in `target_cell`. Returns the plane and
+    the batch, for the family's checks of their shapes."""
+    from test_frame import H, W, photo
+
+    from lavender.data.frame import common_view, frame_box
+
+    base = photo()
+    common = common_view(frame_box("full", W, H), adapter.image_view(processor, (W, H), {}))
+    marked = with_marker_in_cell(base, common.image, target_cell)
+    text = processor.apply_chat_template(chat("what is this ?", "a photo ."), tokenize=False)
+    batch = dict(processor(text=[text] * 2, images=[[base], [marked]], return_tensors="pt", **options))
+    plane = adapter.to_image(embedding_change(model, batch, text_model)[:, None, None, :], batch)[1][0, 0]
+    assert_marker_in_cell(base, marked, plane, common, target_cell)
+    return plane, batch
+
+
 # -- the "attention moves toward the targets" runs -------------------------------------------------------------------
 def train_toward(model, world, oracle, out, lam: float, steps: int, **kwargs):
     """`lavender train` of the saved tiny `model` on `world` against the `oracle` store, with `lam`, for `steps`

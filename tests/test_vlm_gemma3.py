@@ -9,20 +9,18 @@ import torch
 from family_testers import (
     assert_attention_moves_toward_the_targets,
     assert_eval_attention_reads,
-    assert_marker_in_cell,
     assert_offsets_index_the_chat,
     assert_same_weights,
     assert_trains,
     chat,
     check_labels_and_words,
-    embedding_change,
     first_tester_suite,
     image_token_change,
     marked_cells,
+    marker_through_both_stages,
     noise_image,
     one_chat_each,
     stage2_dataset,
-    with_marker_in_cell,
 )
 from gemma3_testers import (
     BOI,
@@ -39,7 +37,6 @@ from gemma3_testers import (
     tiny_gemma3,
 )
 
-from lavender.data.frame import common_view, frame_box
 from lavender.vlm.base import adapter_for, supported_model_types
 from lavender.vlm.gemma3 import Gemma3Adapter, Gemma3Layout, crop_grid, layout_to_plane, sample_layouts
 from lavender.vlm.idefics3 import IMAGE_KEYS
@@ -191,23 +188,13 @@ def test_a_marker_lands_in_the_same_cell_in_both_stages(image_keys, target_cell)
     """tests/test_frame.py's marker test for this family: a 640 x 480 photo with pan-and-scan (the global view and
     1 x 2 crops of 320 x 480 pixels, each stretched to a 32-pixel frame of 8 x 8 tokens), through the real processor
     and vision tower; the marker falls in `target_cell` of the stage-1 map and of the plane."""
-    from test_frame import H, W, photo
-
     frame = 2 * FRAME
     model, processor = local_model(frame), build_processor(frame)
     adapter = Gemma3Adapter(model, image_keys=image_keys)
-    base = photo()
-    view = Gemma3Adapter.image_view(processor, (W, H), {})
-    common = common_view(frame_box("full", W, H), view)
-    marked = with_marker_in_cell(base, common.image, target_cell)
-
-    text = processor.apply_chat_template(chat("what is this ?", "a photo ."), tokenize=False)
-    batch = dict(processor(text=[text] * 2, images=[[base], [marked]], return_tensors="pt", **PAN_AND_SCAN))
+    plane, batch = marker_through_both_stages(model, adapter, processor, target_cell, **PAN_AND_SCAN)
     assert batch["pixel_values"].shape[0] == 2 * 3  # per image: the global view and 1 x 2 crops
-    plane = adapter.to_image(embedding_change(model, batch)[:, None, None, :], batch)[1][0, 0]
     side = frame // FRAME * SIDE
     assert plane.shape == ((side, side) if image_keys == "global" else (side, 2 * side))
-    assert_marker_in_cell(base, marked, plane, common, target_cell)
 
 
 # -- refusals -----------------------------------------------------------------------------------------------------

@@ -4,12 +4,10 @@ saved models, and the stage-2 data and training path (with the offsets change it
 
 from __future__ import annotations
 
-import family_testers
 import numpy as np
 import pytest
 import torch
 from family_testers import (
-    assert_marker_in_cell,
     assert_offsets_index_the_chat,
     assert_same_weights,
     assert_trains,
@@ -20,11 +18,11 @@ from family_testers import (
     image_token_change,
     map_distance,
     marked_cells,
+    marker_through_both_stages,
     noise_image,
     one_chat_each,
     stage2_dataset,
     train_toward,
-    with_marker_in_cell,
 )
 from idefics3_testers import (
     CROP,
@@ -43,7 +41,6 @@ from idefics3_testers import (
     tiny_idefics3,
 )
 
-from lavender.data.frame import common_view, frame_box
 from lavender.vlm.base import adapter_for, supported_model_types
 from lavender.vlm.idefics3 import IMAGE_KEYS, Idefics3Adapter, frames_to_plane, image_layout
 
@@ -104,11 +101,6 @@ def test_frames_lay_out_on_the_crop_canvas_and_the_global_view():
         torch.testing.assert_close(frames_to_plane(only_global, 0, 0, side, keys), only_global.view(side, side))
 
 
-def embedding_change(model, batch) -> torch.Tensor:
-    """(B, S): how far each position's input embedding moved from sample 0's."""
-    return family_testers.embedding_change(model, batch, model.model.text_model)
-
-
 def local_model(kind: str = "idefics3"):
     """The tiny model with its vision encoder's layers removed, so each token sees only its own pixels."""
     model = tiny_idefics3("sdpa", kind)
@@ -153,21 +145,11 @@ def test_crop_tokens_land_on_their_cell(kind, width, height, longest, grid):
 def test_a_marker_lands_in_the_same_cell_in_both_stages(image_keys, target_cell):
     """tests/test_frame.py's marker test for this family: a 640 x 480 photo split into 3 x 4 crops by the real
     processor, through the vision tower; the marker falls in `target_cell` of the stage-1 map and of the plane."""
-    from test_frame import H, W, photo
-
     model, processor = local_model(), build_processor(image_processor=build_image_processor(longest_edge=64))
     adapter = Idefics3Adapter(model, image_keys=image_keys)
-    base = photo()
-    view = Idefics3Adapter.image_view(processor, (W, H), {})
-    common = common_view(frame_box("full", W, H), view)
-    marked = with_marker_in_cell(base, common.image, target_cell)
-
-    text = processor.apply_chat_template(chat("what is this ?", "a photo ."), tokenize=False)
-    batch = dict(processor(text=[text] * 2, images=[[base], [marked]], return_tensors="pt"))
+    plane, batch = marker_through_both_stages(model, adapter, processor, target_cell, model.model.text_model)
     assert batch["pixel_values"].shape[1] == 13  # 3 x 4 crops and the global view
-    plane = adapter.to_image(embedding_change(model, batch)[:, None, None, :], batch)[1][0, 0]
     assert plane.shape == (3 * SIDE, 4 * SIDE)
-    assert_marker_in_cell(base, marked, plane, common, target_cell)
 
 
 # -- refusals -----------------------------------------------------------------------------------------------------

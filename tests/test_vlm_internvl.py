@@ -12,7 +12,6 @@ import torch
 from family_testers import (
     assert_attention_moves_toward_the_targets,
     assert_eval_attention_reads,
-    assert_marker_in_cell,
     assert_offsets_index_the_chat,
     assert_same_weights,
     assert_trains,
@@ -20,14 +19,13 @@ from family_testers import (
     check_labels_and_words,
     collated_rows,
     colour_question_dataset,
-    embedding_change,
     first_tester_suite,
     image_token_change,
     marked_cells,
+    marker_through_both_stages,
     noise_image,
     one_chat_each,
     stage2_dataset,
-    with_marker_in_cell,
 )
 from internvl_testers import (
     CONTEXT,
@@ -51,7 +49,7 @@ from internvl_testers import (
 from PIL import Image
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-from lavender.data.frame import ImageView, common_view, frame_box
+from lavender.data.frame import ImageView
 from lavender.vlm.base import adapter_for, supported_model_types
 from lavender.vlm.internvl import InternVLAdapter, frame_side, tile_grid
 
@@ -227,21 +225,10 @@ def test_a_marker_lands_in_the_same_cell_in_both_stages(image_keys, target_cell)
     """tests/test_frame.py's marker test for this family: a 640 x 480 photo cut into 2 x 3 tiles and the thumbnail by
     the real processor, through the vision tower; the marker falls in `target_cell` of the stage-1 map and of the
     plane (the 8 x 12 tile canvas)."""
-    from test_frame import H, W, photo
-
     model, processor = local_model(), saved_processor()
-    adapter = InternVLAdapter(model, image_keys=image_keys)
-    base = photo()
-    view = InternVLAdapter.image_view(processor, (W, H), {})
-    common = common_view(frame_box("full", W, H), view)
-    marked = with_marker_in_cell(base, common.image, target_cell)
-
-    text = processor.apply_chat_template(chat("what is this ?", "a photo ."), tokenize=False)
-    batch = dict(processor(text=[text] * 2, images=[[base], [marked]], return_tensors="pt"))
+    plane, batch = marker_through_both_stages(model, InternVLAdapter(model, image_keys), processor, target_cell)
     assert batch["pixel_values"].shape[0] == 2 * 7  # 2 x 3 tiles and the thumbnail, per sample
-    plane = adapter.to_image(embedding_change(model, batch)[:, None, None, :], batch)[1][0, 0]
     assert plane.shape == (2 * SIDE, 3 * SIDE)
-    assert_marker_in_cell(base, marked, plane, common, target_cell)
 
 
 # -- refusals -----------------------------------------------------------------------------------------------------
