@@ -121,6 +121,12 @@ def cmd_world_teacher(args: argparse.Namespace) -> None:
     print(f"teacher pipeline: {train_teacher(config_from_args(TeacherConfig, args))}")
 
 
+def cmd_world_teacher_sd3(args: argparse.Namespace) -> None:
+    from lavender.world.mmdit_teacher import MMDiTTeacherConfig, train_mmdit_teacher
+
+    print(f"teacher pipeline: {train_mmdit_teacher(config_from_args(MMDiTTeacherConfig, args))}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from lavender.train.config import TrainConfig
     from lavender.train.trainer import train
@@ -167,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lavender.world.base_vlm import PretrainConfig
     from lavender.world.data import WorldDataConfig
     from lavender.world.experiment import ExperimentConfig
+    from lavender.world.mmdit_teacher import MMDiTTeacherConfig
     from lavender.world.teacher import TeacherConfig
 
     parser = argparse.ArgumentParser(
@@ -270,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = wd.add_parser("teacher", help="train the shapes text-to-image teacher (resumable)")
     add_dataclass_args(p, TeacherConfig)
     p.set_defaults(func=cmd_world_teacher)
+    p = wd.add_parser("teacher-sd3", help="train an SD3-layout (MMDiT) shapes teacher on the shipped teacher's frozen "
+                                          "VAE (resumable)")
+    add_dataclass_args(p, MMDiTTeacherConfig)
+    p.set_defaults(func=cmd_world_teacher_sd3)
     p = wd.add_parser("oracle", help="a targets store of the true word masks (blurred), for controls")
     p.add_argument("--masks", required=True, help="a split's masks side file (masks-<split>.safetensors)")
     p.add_argument("--out", required=True, help="new targets store directory")
