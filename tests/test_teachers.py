@@ -347,23 +347,25 @@ def test_sdxl_matches_words_with_the_first_tokenizer_and_checks_the_second_agree
         teacher.encode_text(TEXTS)
 
 
-@pytest.mark.parametrize("family", ["sd2", "sdxl"])
-def test_extract_end_to_end(family, pipelines, tiny_world, tmp_path):
-    """`lavender extract` on the family's tiny pipeline, with a wide and a tall image and guidance: every word of
-    each caption gets an (8, 8) map of the whole image."""
+def wide_and_tall_data(world: Path, name: str, scenes: int, tall: tuple[int, int]) -> Path:
+    """`world`'s first test scenes plus a wide (64 x 32) and a tall (`tall`) image captioned "a blue square", as
+    LLaVA JSON at `world/<name>.json`."""
+    records = json.loads((world / "test.json").read_text())[:scenes]
+    for image, size in (("wide", (64, 32)), ("tall", tall)):
+        Image.new("RGB", size, (30, 30, 200)).save(world / f"{image}.png")
+        records.append({"id": image, "image": f"{image}.png", "caption": "a blue square"})
+    (world / f"{name}.json").write_text(json.dumps(records))
+    return world / f"{name}.json"
+
+
+def assert_every_word_mapped(root: Path, data: Path) -> None:
+    """Every sample of `data` is in the store at `root`, every word of its caption with a finite (8, 8) map peaking
+    at 1; the wide image's size is recorded."""
     from lavender.data.samples import read_samples
     from lavender.data.targets import AttentionTargets
-    from lavender.diffusion.extract import run_extract
 
-    records = json.loads((tiny_world / "test.json").read_text())[:3]
-    for name, size in (("wide", (64, 32)), ("tall", (24, 48))):
-        Image.new("RGB", size, (30, 30, 200)).save(tiny_world / f"{name}.png")
-        records.append({"id": name, "image": f"{name}.png", "caption": "a blue square"})
-    (tiny_world / f"{family}.json").write_text(json.dumps(records))
-    cfg = ExtractConfig(diffusion=pipelines[family], data=str(tiny_world / f"{family}.json"), out=str(tmp_path / "s"),
-                        resolution=8, inversion_steps=2, denoise_steps=2, guidance_scale=2.0, device="cpu")
-    targets = AttentionTargets(run_extract(cfg))
-    captions = {s.id: s.caption for s in read_samples(tiny_world / f"{family}.json")}
+    targets = AttentionTargets(root)
+    captions = {s.id: s.caption for s in read_samples(data)}
     assert sorted(targets) == sorted(captions)
     for sid, caption in captions.items():
         maps = targets[sid]
@@ -371,6 +373,18 @@ def test_extract_end_to_end(family, pipelines, tiny_world, tmp_path):
         assert all(m.shape == (8, 8) and np.isfinite(m).all() and m.max() == pytest.approx(1, abs=1e-3)
                    for m in maps.values())
     assert targets.image_size("wide") == (64, 32)
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_extract_end_to_end(family, pipelines, tiny_world, tmp_path):
+    """`lavender extract` on the family's tiny pipeline, with a wide and a tall image and guidance: every word of
+    each caption gets an (8, 8) map of the whole image."""
+    from lavender.diffusion.extract import run_extract
+
+    data = wide_and_tall_data(tiny_world, family, 3, (24, 48))
+    cfg = ExtractConfig(diffusion=pipelines[family], data=str(data), out=str(tmp_path / "s"), resolution=8,
+                        inversion_steps=2, denoise_steps=2, guidance_scale=2.0, device="cpu")
+    assert_every_word_mapped(run_extract(cfg), data)
 
 
 def test_sdxl_in_float16_encodes_images_with_its_vae_in_float32(pipelines):

@@ -10,8 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_teachers import TEXTS, RawRecorder, _hook_qk
+from test_teachers import TEXTS, RawRecorder, _hook_qk, assert_every_word_mapped, wide_and_tall_data
 
 from lavender.diffusion.extract import ExtractConfig
 
@@ -276,7 +275,6 @@ def test_noise_levels_are_the_schedulers_own_shifted_grid(family, pipelines):
     """At strength 1 the levels, read downwards, are the sigmas the pipeline's scheduler itself steps through for
     that many steps (Flux: shifted for this image's token count, as `FluxPipeline` computes `mu`); at a lower
     strength they stop at the shifted strength. SD3's fixed shift 3 is s' = 3s / (1 + 2s)."""
-    import numpy as np
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     teacher = _load(family, pipelines)
@@ -321,29 +319,14 @@ def test_flow_inversion_and_denoising_retrace_a_straight_path(pipelines):
 def test_extract_end_to_end(family, inversion_steps, pipelines, tiny_world, tmp_path):
     """`lavender extract` on the family's tiny pipeline with a wide and a tall image and guidance: every word of each
     caption gets an (8, 8) map of the whole image; PixArt's store records padding hidden (its pipelines' way)."""
-    from lavender.data.samples import read_samples
-    from lavender.data.targets import AttentionTargets
     from lavender.diffusion.extract import run_extract
 
-    records = json.loads((tiny_world / "test.json").read_text())[:2]
-    for name, size in (("wide", (64, 32)), ("tall", (32, 48))):
-        Image.new("RGB", size, (30, 30, 200)).save(tiny_world / f"{name}.png")
-        records.append({"id": name, "image": f"{name}.png", "caption": "a blue square"})
-    data = tiny_world / f"{family}.json"
-    data.write_text(json.dumps(records))
+    data = wide_and_tall_data(tiny_world, family, 2, (32, 48))
     cfg = ExtractConfig(diffusion=pipelines[family], data=str(data), out=str(tmp_path / "s"), resolution=8,
                         inversion_steps=inversion_steps, denoise_steps=2, guidance_scale=2.0, image_size=32,
                         device="cpu")
     root = run_extract(cfg)
-    targets = AttentionTargets(root)
-    captions = {s.id: s.caption for s in read_samples(data)}
-    assert sorted(targets) == sorted(captions)
-    for sid, caption in captions.items():
-        maps = targets[sid]
-        assert set(maps) == {w.strip(",").lower() for w in caption.split()}
-        assert all(m.shape == (8, 8) and np.isfinite(m).all() and m.max() == pytest.approx(1, abs=1e-3)
-                   for m in maps.values())
-    assert targets.image_size("wide") == (64, 32)
+    assert_every_word_mapped(root, data)
     settings = json.loads((root / "store.json").read_text())["settings"]
     assert settings["mask_padding"] is (family == "pixart")
 
