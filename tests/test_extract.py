@@ -169,6 +169,79 @@ def test_settings_mismatch_is_refused(tiny_sd, tiny_world, tmp_path):
     assert AttentionTargets(tmp_path / "s").settings["denoise_steps"] == 3
 
 
+def test_a_store_without_maps_starts_again_with_new_settings(tiny_sd, tiny_world, tmp_path, monkeypatch):
+    """A run that stopped before its first map (here: its first batch raises) leaves only the store's settings; the
+    corrected rerun with other settings starts it again instead of refusing it. With maps in it, it is refused."""
+    from lavender.diffusion import extract
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("stopped before the first map")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(extract.Extractor, "__call__", fail)
+        with pytest.raises(RuntimeError, match="before the first map"):
+            run_extract(_config(tiny_sd, tiny_world / "test.json", tmp_path / "s", denoise_steps=3))
+    assert (tmp_path / "s" / "store.json").exists() and not AttentionTargets(tmp_path / "s").settings.get("x")
+    run_extract(_config(tiny_sd, tiny_world / "test.json", tmp_path / "s"))
+    assert AttentionTargets(tmp_path / "s").settings["denoise_steps"] == 2 and len(AttentionTargets(tmp_path / "s"))
+    with pytest.raises(ValueError, match="other settings"):
+        run_extract(_config(tiny_sd, tiny_world / "test.json", tmp_path / "s", denoise_steps=3))
+
+
+def test_attention_resolutions_no_layer_has_are_refused_before_any_image(tiny_sd):
+    """The shapes-like tiny teacher records 16 x 16 layers at its 32 px native size (latents 16 x 16); asking for a
+    side it has not names the sides it has."""
+    from lavender.diffusion.teachers.base import load_teacher
+
+    teacher = load_teacher(tiny_sd)
+    sides = sorted({h for h, _ in teacher.layer_grids((16, 16)).values()}, reverse=True)
+    Extractor(_config(tiny_sd, Path("-"), Path("-"), attn_resolutions=tuple(sides[:1])), teacher, False)
+    with pytest.raises(ValueError, match=rf"--attn-resolutions 99: .* sides are {' '.join(map(str, sides))}"):
+        Extractor(_config(tiny_sd, Path("-"), Path("-"), attn_resolutions=(99, sides[0])), teacher, False)
+
+
+def test_data_loader_workers_die_with_their_parent(tmp_path):
+    """A worker that ran `_die_with_parent` ends when the process that started it is killed (SIGKILL), instead of
+    living on blocked on its pipe."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import os, time
+from lavender.diffusion.extract import _die_with_parent
+pid = os.fork()
+if pid == 0:
+    _die_with_parent(0)
+    time.sleep(60)
+    os._exit(0)
+open({str(tmp_path / 'child')!r}, 'w').write(str(pid))
+time.sleep(60)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 30
+    while not (tmp_path / "child").exists() or not (tmp_path / "child").read_text():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    child = int((tmp_path / "child").read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            return False
+        return state != "Z"
+
+    deadline = time.time() + 10
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not alive(child)
+
+
 def test_resume_after_interrupted_run_does_only_the_rest(tiny_sd, tiny_world, tmp_path, monkeypatch):
     data = tiny_world / "train.json"
     reference = run_extract(_config(tiny_sd, data, tmp_path / "ref", shard_size=2, batch_size=2))

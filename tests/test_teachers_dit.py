@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_teachers import TEXTS, RawRecorder, _hook_qk, assert_every_word_mapped, wide_and_tall_data
 
 from lavender.diffusion.extract import ExtractConfig
@@ -55,7 +56,34 @@ def test_the_registry_picks_each_family_and_its_noise_path(pipelines):
         teacher = _load(family, pipelines)
         assert type(teacher) is cls and teacher.prediction_type == prediction and teacher.masks_padding is masks
     assert _load("flux", pipelines).patch_size == 2 and _load("sd3", pipelines).patch_size == 2
-    assert _load("flux", pipelines).native_size == 1024 and _load("pixart", pipelines).native_size == 16 * 2
+    # Flux's transformer has no sample_size: its pipeline's default_sample_size (128 latent cells) stands in
+    assert _load("flux", pipelines).native_size == 128 * 2 and _load("pixart", pipelines).native_size == 16 * 2
+
+
+def test_sd3_images_stay_within_its_table_of_positions(pipelines, tmp_path):
+    """SD3's transformer knows `pos_embed_max_size` patch positions per side (24 here: 96 px with patches of 2 cells
+    and a VAE halving); a long side beyond it gives way, so an elongated photo is extracted, not refused mid-run."""
+    from lavender.diffusion.extract import Extractor
+
+    teacher = _load("sd3", pipelines)
+    assert teacher.max_side == 24 * 2 * 2 and _load("pixart", pipelines).max_side is None
+    assert teacher.input_size(400, 100, 64) == (96, 32)  # keeping the aspect would give 128 x 32
+    assert teacher.input_size(100, 100, 64) == (64, 64)
+    cfg = ExtractConfig(diffusion=pipelines["sd3"], data="-", out="-", resolution=8, inversion_steps=1,
+                        denoise_steps=1, image_size=64, device="cpu")
+    maps = Extractor(cfg, teacher, False)([Image.new("RGB", (400, 100), (200, 30, 30))], ["a red square"])[0]
+    assert set(maps) == {"a", "red", "square"}
+
+
+def test_pixarts_vocabulary_check_reads_the_text_as_its_pipeline_does(pipelines):
+    """PixArt lower-cases texts before its tokenizer sees them, and so does the vocabulary check: capitals are not
+    counted as unknown words (its tiny tokenizer knows only lower-case pieces)."""
+    from lavender.diffusion.extract import VocabularyReport
+
+    teacher = _load("pixart", pipelines)
+    plain, as_pipeline = VocabularyReport(teacher.tokenizer), VocabularyReport(teacher.tokenizer,
+                                                                               text_transform=teacher.text_transform)
+    assert plain.check("A Red square").unknown and not as_pipeline.check("A Red square").unknown
 
 
 # -- what is recorded: the softmax of the q and k the layer's own computation used ------------------------------------

@@ -196,6 +196,14 @@ class Extractor:
         self.cfg, self.pipe, self.mask_padding = cfg, self.teacher.pipe, mask_padding
         self.device, self.dtype = self.teacher.device, self.teacher.dtype
         self.image_size = cfg.image_size or self.teacher.native_size
+        if cfg.attn_resolutions:
+            side = self.image_size // self.teacher.vae_scale
+            sides = sorted({h for h, _ in self.teacher.layer_grids((side, side)).values()}, reverse=True)
+            missing = sorted(set(cfg.attn_resolutions) - set(sides), reverse=True)
+            if missing:
+                raise ValueError(f"--attn-resolutions {' '.join(map(str, missing))}: no recorded layer of this "
+                                 f"teacher has that grid side for a square image at {self.image_size} px; its layers' "
+                                 f"sides are {' '.join(map(str, sides))}")
         self.recorder = AttentionRecorder(cfg.resolution, cfg.attn_resolutions,
                                           self.image_size // self.teacher.vae_scale)
         self.max_length = self.teacher.max_length
@@ -283,6 +291,10 @@ def _open_store(root: Path, settings: dict[str, Any], create: bool) -> None:
         old = json.loads(store_file.read_text()).get("settings", {})
         if old != settings:
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            if create and not scan_shards(root):  # a run that stopped before its first map: nothing to keep
+                log.info("%s holds no maps yet: starting it again with these settings (changed: %s)", root, diff)
+                write_store_info(root, settings, settings["diffusion"])
+                return
             raise ValueError(f"{root} holds maps made with other settings {diff}; "
                              "use another --out or --overwrite")
     elif create:
@@ -308,8 +320,11 @@ class VocabularyReport:
     counts, in the process that reports them.
     """
 
-    def __init__(self, tokenizer, many: int = 3, examples: int = 8):
+    def __init__(self, tokenizer, many: int = 3, examples: int = 8, text_transform=None):
+        """`text_transform`: what the teacher does to a text before tokenizing it (e.g. PixArt lower-cases), a
+        picklable function of the text keeping its length; None for nothing."""
         self.tokenizer, self.many, self.examples = tokenizer, many, examples
+        self.text_transform = text_transform
         self.words: Counter = Counter()  # "words", "unknown", "split"
         self.unknown: Counter = Counter()
         self.split: Counter = Counter()
@@ -317,7 +332,8 @@ class VocabularyReport:
 
     def check(self, text: str) -> TextCheck:
         """Tokenize `text` untruncated and find its unknown and many-piece words; counts nothing."""
-        enc = self.tokenizer(text, truncation=False, return_offsets_mapping=True)
+        seen = self.text_transform(text) if self.text_transform is not None else text
+        enc = self.tokenizer(seen, truncation=False, return_offsets_mapping=True)
         result = TextCheck(len(enc.input_ids), 0, [], [])
         for word, pieces, unknown in word_pieces(text, enc.input_ids, enc.offset_mapping,
                                                  self.tokenizer.unk_token_id):
@@ -406,7 +422,21 @@ def _loader(samples: list[Sample], cfg: ExtractConfig, vocabulary: VocabularyRep
     ahead of the main loop; no more workers than batches."""
     batches = -(-len(samples) // cfg.batch_size)
     return torch.utils.data.DataLoader(LoadedSamples(samples, cfg.text, vocabulary), batch_size=cfg.batch_size,
-                                       num_workers=min(cfg.num_workers, batches), collate_fn=list)
+                                       num_workers=min(cfg.num_workers, batches), collate_fn=list,
+                                       worker_init_fn=_die_with_parent)
+
+
+def _die_with_parent(worker_id: int) -> None:
+    """Ask Linux to end this data-loader worker when the process that started it dies (a SIGKILL or an
+    out-of-memory kill of the main process otherwise leaves workers blocked on a full pipe). Elsewhere: nothing."""
+    import contextlib
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _merge_failures(root: Path, done: set[str]) -> int:
@@ -477,7 +507,7 @@ def run_extract(cfg: ExtractConfig, process_index: int | None = None, num_proces
     if not samples:
         log.warning("%s holds no usable sample: the store will be empty", cfg.data)
     writer = TargetsWriter(root, cfg.shard_size, cfg.store_dtype, prefix=f"r{rank}")
-    vocabulary = VocabularyReport(teacher.tokenizer)
+    vocabulary = VocabularyReport(teacher.tokenizer, text_transform=teacher.text_transform)
     with open(root / f"failures-r{rank}.jsonl", "w") as failures:
         def fail(sample_id: str, reason: str, **extra) -> None:
             failures.write(json.dumps({"id": sample_id, "reason": reason, **extra}) + "\n")

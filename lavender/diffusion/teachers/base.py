@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -144,6 +144,9 @@ class TeacherAdapter(ABC):
     family: ClassVar[str]
     pipeline_classes: ClassVar[tuple[str, ...]]
     load_kwargs: ClassVar[dict[str, Any]] = {}  # extra `from_pretrained` arguments of the family's pipeline
+    # what the family's pipeline does to a text before tokenizing it, keeping its length (None: nothing); a
+    # module-level function, so that data-loader workers can take it
+    text_transform: ClassVar[Callable[[str], str] | None] = None
     # whether the family's pipeline hides padding tokens from its text encoder and denoiser (what
     # `lavender extract --mask-padding auto` follows when the pipeline directory does not say)
     masks_padding: ClassVar[bool] = False
@@ -244,10 +247,21 @@ class TeacherAdapter(ABC):
         """Latent cells per attention query along each side (1 for a UNet; a diffusion transformer's patch side)."""
         return 1
 
+    @property
+    def max_side(self) -> int | None:
+        """The longest side in pixels the denoiser takes (a diffusion transformer's table of positions may end),
+        or None for no limit."""
+        return None
+
     def input_size(self, width: int, height: int, size: int = 0, keep_aspect: bool = True) -> tuple[int, int]:
         """(width, height) in pixels at which a `width` x `height` image is encoded, at about `size`**2 pixels
-        (0: `native_size`); see `input_size`."""
-        return input_size(width, height, size or self.native_size, self.size_multiple, keep_aspect)
+        (0: `native_size`); see `input_size`. A side beyond `max_side` gives way to it (the image is then squeezed
+        along that side; the map still covers the whole image)."""
+        w, h = input_size(width, height, size or self.native_size, self.size_multiple, keep_aspect)
+        if self.max_side:
+            cap = max(self.size_multiple, self.max_side // self.size_multiple * self.size_multiple)
+            w, h = min(w, cap), min(h, cap)
+        return w, h
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [-1, 1] -> latents (B, C, H / vae_scale, W / vae_scale) in the denoiser's dtype:

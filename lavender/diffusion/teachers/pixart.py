@@ -26,11 +26,18 @@ from lavender.diffusion.teachers.base import TextBatch, register_teacher, tokeni
 from lavender.diffusion.teachers.transformer import TransformerTeacher
 
 
+def lower_keeping_offsets(text: str) -> str:
+    """`text` lower-cased as PixArt's pipelines do, unless that would change its length (and so the offsets)."""
+    lowered = text.lower()
+    return lowered if len(lowered) == len(text) else text
+
+
 @register_teacher
 class PixArtTeacher(TransformerTeacher):
     family = "pixart"
     pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
     masks_padding = True
+    text_transform = staticmethod(lower_keeping_offsets)
     text_lengths: ClassVar[dict[str, int]] = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 
     @property
@@ -42,8 +49,7 @@ class PixArtTeacher(TransformerTeacher):
     def encode_text(self, texts: list[str], mask_padding: bool = False) -> TextBatch:
         """(B, L, D) T5 hidden states of the lower-cased texts; with `mask_padding` the attention mask (B, L) goes
         to the encoder and the transformer, as the pipelines pass it."""
-        lowered = [t.lower() if len(t.lower()) == len(t) else t for t in texts]  # keep offsets valid
-        tok = tokenize(self.tokenizer, lowered, self.max_length)
+        tok = tokenize(self.tokenizer, [lower_keeping_offsets(t) for t in texts], self.max_length)
         keep = tok.attention_mask.to(self.device)
         mask = keep if mask_padding else None
         hidden = self.pipe.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]

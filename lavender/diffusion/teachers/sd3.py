@@ -63,6 +63,13 @@ class StableDiffusion3Teacher(MMDiTTeacher):
             raise ValueError("stage 1 needs fast tokenizers (character offsets) for word matching")
 
     @property
+    def max_side(self) -> int | None:
+        """The transformer's table of patch positions (`pos_embed_max_size` patches per side) in pixels: 3072 px for
+        the released models."""
+        positions = self.denoiser.config.get("pos_embed_max_size", None)
+        return positions * self.patch_size * self.vae_scale if positions else None
+
+    @property
     def clip_length(self) -> int:
         return self.pipe.tokenizer.model_max_length
 

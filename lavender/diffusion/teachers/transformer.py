@@ -43,7 +43,9 @@ class TransformerTeacher(TeacherAdapter):
 
     @property
     def native_size(self) -> int:
-        sample_size = self.denoiser.config.get("sample_size", None)
+        """The transformer's `sample_size`, else the pipeline's `default_sample_size` (Flux), in latent cells, times
+        the VAE's scale; `default_size` if neither says."""
+        sample_size = self.denoiser.config.get("sample_size", None) or getattr(self.pipe, "default_sample_size", None)
         return sample_size * self.vae_scale if sample_size else self.default_size
 
     @property
