@@ -153,6 +153,7 @@ def test_sign_agreement_is_the_correlation_of_input_and_output():
 def test_the_trainer_warns_once_when_the_aligner_inverts_its_input(caplog):
     """After Aligner pretraining and a warm-up, a mean sign agreement below -0.2 over the last steps logs one
     warning naming --aligner-residual; agreeing steps, steps inside the warm-up and steps without words do not."""
+    from collections import deque
     from types import SimpleNamespace
 
     from lavender.train.trainer import SIGN_WARMUP, Trainer
@@ -160,7 +161,7 @@ def test_the_trainer_warns_once_when_the_aligner_inverts_its_input(caplog):
     trainer = Trainer.__new__(Trainer)
     trainer.cfg = SimpleNamespace(aligner_pretrain_steps=5)
     trainer.progress = SimpleNamespace(step=0)
-    trainer._warned_sign, trainer._sign_window = False, []
+    trainer._warned_sign, trainer._sign_window = False, deque(maxlen=SIGN_WARMUP)
     with caplog.at_level("WARNING", logger="lavender.train.trainer"):
         for step in range(5 + SIGN_WARMUP + 3 * SIGN_WARMUP):
             trainer.progress.step = step

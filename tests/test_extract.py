@@ -17,7 +17,7 @@ from transformers import CLIPTokenizer
 from lavender.data.targets import AttentionTargets
 from lavender.diffusion.capture import AttentionRecorder
 from lavender.diffusion.extract import ExtractConfig, Extractor, finalize_store, run_extract, word_maps
-from lavender.diffusion.inversion import PREDICTION_TYPES, ddim_step, denoise, invert
+from lavender.diffusion.inversion import PREDICTION_TYPES, ddim_step, timestep_grid, walk
 from lavender.diffusion.words import words_to_tokens
 from lavender.utils.maps import min_max
 
@@ -339,12 +339,17 @@ def test_inversion_then_denoising_recovers_the_latents_of_an_exact_model(predict
     alphas = _sd_alphas()
     x0 = torch.randn(2, 4, 8, 8)
     predict = _exact_model(x0, alphas, prediction_type)
-    noisy = invert(x0, predict, alphas, 500, 5, prediction_type)
+
+    def ddim(kind: str):  # the update `TeacherAdapter.step` makes
+        return lambda x, output, t, t_next: ddim_step(x, output, alphas[t], alphas[t_next], kind)
+
+    noisy = walk(x0, predict, timestep_grid(500, 5), ddim(prediction_type))
     eps = x0 * (1 - alphas[0].sqrt()) / (1 - alphas[0]).sqrt()  # the noise that x0 itself carries at t = 0
     torch.testing.assert_close(noisy, alphas[500].sqrt() * x0 + (1 - alphas[500]).sqrt() * eps, atol=1e-5, rtol=0)
-    torch.testing.assert_close(denoise(noisy, predict, alphas, 500, 7, prediction_type), x0, atol=1e-4, rtol=0)
+    back = timestep_grid(500, 7)[::-1]
+    torch.testing.assert_close(walk(noisy, predict, back, ddim(prediction_type)), x0, atol=1e-4, rtol=0)
     for other in set(PREDICTION_TYPES) - {prediction_type}:
-        assert (denoise(noisy, predict, alphas, 500, 7, other) - x0).abs().max() > 0.1
+        assert (walk(noisy, predict, back, ddim(other)) - x0).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)

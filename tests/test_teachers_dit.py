@@ -133,6 +133,7 @@ def test_joint_block_is_the_joint_softmax_of_the_processors_own_q_and_k(family, 
     with torch.no_grad(), teacher.capture(recorder) as keys:
         teacher.predict(latents, 0.6, text)
     n_text, n_image = text.padding.shape[1], (latent_hw[0] // 2) * (latent_hw[1] // 2)
+    assert teacher.text_positions == n_text  # what a single-stream layer takes as the text at its front
     joint = [(q, k) for q, k in spy.calls if q.shape[2] == n_text + n_image]
     assert keys == sorted(teacher.recorded_layers()) and len(recorder.raw) == len(joint) == len(keys) > 0
     if family == "flux":

@@ -12,9 +12,10 @@ the noise ("epsilon", SD v1.x), the velocity v = sqrt(a) eps - sqrt(1 - a) x0 ("
 
 The grid is our own rather than diffusers' `DDIMScheduler` / `DDIMInverseScheduler`: those space their
 timesteps T // n apart over the whole range [0, T) (and the inverse one evaluates the model at the
-timestep it steps to), while inversion here runs from 0 to `t_end` in a given number of even steps,
-evaluating the model where it stands. Per step the update is the same formula as `DDIMScheduler.step`
-with eta = 0 (tests check both against diffusers on a grid both can express).
+timestep it steps to), while inversion here runs from 0 to `t_end` in a given number of even steps
+(`timestep_grid`), evaluating the model where it stands. The teacher adapters hold the steps
+(`TeacherAdapter.noise_levels`, `step`, `add_noise`); `walk` runs them. Per step the update is the same
+formula as `DDIMScheduler.step` with eta = 0 (tests check both against diffusers on a grid both can express).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-NoisePredictor = Callable[[torch.Tensor, int], torch.Tensor]
 Step = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -70,39 +70,12 @@ def timestep_grid(t_end: int, steps: int) -> list[int]:
     return [round(t_end * k / steps) for k in range(steps + 1)]
 
 
-@torch.no_grad()
-def invert(latents: torch.Tensor, predict: NoisePredictor, alphas: torch.Tensor, t_end: int,
-           steps: int, prediction_type: str = "epsilon") -> torch.Tensor:
-    """DDIM-invert clean latents (B, C, h, w) up to timestep `t_end` in `steps` steps.
-
-    `predict(x, t)` is the model's output at timestep t, of kind `prediction_type`; `alphas` (T,) are
-    the scheduler's cumulative alphas. Raises ValueError for an unsupported `prediction_type`.
-    """
-    check_prediction_type(prediction_type)
-    return walk(latents, predict, timestep_grid(t_end, steps), _ddim(alphas, prediction_type))
-
-
 def noise_once(latents: torch.Tensor, alphas: torch.Tensor, t_end: int, noise: torch.Tensor) -> torch.Tensor:
     """The forward process in one draw, q(x_t | x_0) at t = `t_end`: sqrt(abar) x_0 + sqrt(1 - abar) noise, for
     latents and noise (B, C, h, w). What stage 1 runs in place of DDIM inversion with `--inversion-steps 0` (one
     noise draw, no UNet pass, as in single-level extraction such as DiffSeg's)."""
     abar = alphas[t_end].to(latents)
     return abar.sqrt() * latents + (1 - abar).sqrt() * noise.to(latents)
-
-
-@torch.no_grad()
-def denoise(latents: torch.Tensor, predict: NoisePredictor, alphas: torch.Tensor, t_end: int,
-            steps: int, prediction_type: str = "epsilon") -> torch.Tensor:
-    """DDIM-denoise latents (B, C, h, w) at timestep `t_end` back to timestep 0 in `steps` steps.
-
-    Arguments and errors as for `invert`.
-    """
-    check_prediction_type(prediction_type)
-    return walk(latents, predict, timestep_grid(t_end, steps)[::-1], _ddim(alphas, prediction_type))
-
-
-def _ddim(alphas: torch.Tensor, prediction_type: str) -> Step:
-    return lambda x, output, t, t_next: ddim_step(x, output, alphas[t], alphas[t_next], prediction_type)
 
 
 def walk(latents: torch.Tensor, predict: Callable[[torch.Tensor, float], torch.Tensor], levels: Sequence[float],

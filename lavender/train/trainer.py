@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -53,12 +53,11 @@ from lavender.train.data import (
 )
 from lavender.train.objective import LavenderObjective, build_objective
 from lavender.utils.io import atomic_write_text
-from lavender.vlm.base import adapter_for
+from lavender.vlm.base import VLMAdapter, adapter_for
 
 log = logging.getLogger(__name__)
 
 VISION_MODULES = ("vision_model", "vision_tower", "visual")
-LANGUAGE_MODEL = re.compile(r"(^|\.)(language_model|text_model)\.")  # the decoder's module (Idefics3: text_model)
 PROJECTOR_MODULES = ("multi_modal_projector", "merger", "connector")
 TRAINABLE_FILE = "trainable.safetensors"
 COVERAGE_PROBE = 32  # samples with targets encoded before training to see that their words are found
@@ -263,7 +262,7 @@ def language_model_pattern(model: nn.Module) -> re.Pattern:
     try:
         return adapter_for(model).language_model
     except ValueError:
-        return LANGUAGE_MODEL
+        return VLMAdapter.language_model
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -552,7 +551,7 @@ class Trainer:
         if len(self.loader) == 0:
             raise ValueError(f"{len(self.dataset)} samples do not make one batch of {cfg.batch_size} per process")
         self.progress = Progress()
-        self._warned_sign, self._sign_window = False, []  # `_check_aligner_sign`
+        self._warned_sign, self._sign_window = False, deque(maxlen=SIGN_WARMUP)  # `_check_aligner_sign`
         self.progress.events.update(self.dataset.events)  # counted once; a resumed run loads its own counts
         self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
         self.accelerator.register_save_state_pre_hook(self._save_trainable)
@@ -792,13 +791,13 @@ class Trainer:
         if self._warned_sign or not words or step < self.cfg.aligner_pretrain_steps + SIGN_WARMUP:
             return
         self._sign_window.append(agreement)
-        if len(self._sign_window) >= SIGN_WARMUP and sum(self._sign_window[-SIGN_WARMUP:]) / SIGN_WARMUP < -0.2:
+        mean = sum(self._sign_window) / SIGN_WARMUP
+        if len(self._sign_window) == SIGN_WARMUP and mean < -0.2:
             self._warned_sign = True
             log.warning("step %d: the Aligner's output is anti-correlated with its input (mean sign agreement %.2f "
                         "over the last %d steps), so L_att is moving the VLM's own attention toward the inverse of "
                         "the targets; the residual Aligner (--aligner-residual, the default) starts as the identity "
-                        "and keeps the sign",
-                        step, sum(self._sign_window[-SIGN_WARMUP:]) / SIGN_WARMUP, SIGN_WARMUP)
+                        "and keeps the sign", step, mean, SIGN_WARMUP)
 
     def _log(self, metrics: dict, micro: list[Batch]) -> None:
         step_events = sum((b.events for b in micro), Counter())

@@ -80,6 +80,11 @@ def tokenize(tokenizer, texts: list[str], max_length: int):
                      return_offsets_mapping=True, return_tensors="pt")
 
 
+def text_window(tokenizer, default: int) -> int:
+    """Tokens per text: the pipeline's default `max_sequence_length`, or `tokenizer`'s limit if that is shorter."""
+    return min(default, tokenizer.model_max_length)
+
+
 def check_same_split(texts: list[str], first, second, family: str) -> None:
     """Raise ValueError unless two tokenizations of `texts` (tokenizer outputs with offsets) give each word the
     same token positions and pad the same positions: a family that concatenates two encoders' hidden states

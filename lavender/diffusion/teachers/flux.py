@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from lavender.diffusion.teachers.base import TextBatch, register_teacher, tokenize
+from lavender.diffusion.teachers.base import TextBatch, register_teacher, text_window, tokenize
 from lavender.diffusion.teachers.transformer import MMDiTTeacher
 
 T5_LENGTH = 512  # the pipeline's default `max_sequence_length`
@@ -72,7 +72,7 @@ class FluxTeacher(MMDiTTeacher):
     @property
     def max_length(self) -> int:
         """T5 tokens: the pipeline's default window, or the tokenizer's limit if that is shorter."""
-        return min(T5_LENGTH, self.tokenizer.model_max_length)
+        return text_window(self.tokenizer, T5_LENGTH)
 
     @property
     def patch_size(self) -> int:

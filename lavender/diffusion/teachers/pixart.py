@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from lavender.diffusion.teachers.base import TextBatch, register_teacher, tokenize
+from lavender.diffusion.teachers.base import TextBatch, register_teacher, text_window, tokenize
 from lavender.diffusion.teachers.transformer import TransformerTeacher
 
 
@@ -44,7 +44,7 @@ class PixArtTeacher(TransformerTeacher):
     def max_length(self) -> int:
         """T5 tokens: the pipeline's default window, or the tokenizer's limit if that is shorter."""
         default = self.text_lengths.get(type(self.pipe).__name__, 300)
-        return min(default, self.tokenizer.model_max_length)
+        return text_window(self.tokenizer, default)
 
     def encode_text(self, texts: list[str], mask_padding: bool = False) -> TextBatch:
         """(B, L, D) T5 hidden states of the lower-cased texts; with `mask_padding` the attention mask (B, L) goes

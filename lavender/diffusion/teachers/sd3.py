@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lavender.diffusion.joint import split_heads
-from lavender.diffusion.teachers.base import TextBatch, check_same_split, register_teacher, tokenize
+from lavender.diffusion.teachers.base import TextBatch, check_same_split, register_teacher, text_window, tokenize
 from lavender.diffusion.teachers.transformer import MMDiTTeacher
 
 T5_LENGTH = 256  # the pipeline's default `max_sequence_length`
@@ -77,7 +77,7 @@ class StableDiffusion3Teacher(MMDiTTeacher):
     def t5_length(self) -> int:
         """T5 tokens: the pipeline's default window, or the tokenizer's limit if that is shorter."""
         tokenizer = self.pipe.tokenizer_3
-        return T5_LENGTH if tokenizer is None else min(T5_LENGTH, tokenizer.model_max_length)
+        return T5_LENGTH if tokenizer is None else text_window(tokenizer, T5_LENGTH)
 
     @property
     def tokenizer(self):
@@ -87,6 +87,11 @@ class StableDiffusion3Teacher(MMDiTTeacher):
     @property
     def max_length(self) -> int:
         return self.clip_length if self.pipe.text_encoder_3 is None else self.t5_length
+
+    @property
+    def text_positions(self) -> int:
+        """The CLIP positions followed by the T5 ones."""
+        return self.clip_length + self.t5_length
 
     def encode_text(self, texts: list[str], mask_padding: bool = False) -> TextBatch:
         """(B, 77 + L3, D) text sequence and (B, P1 + P2) pooled text, as the pipeline's `encode_prompt`; offsets of

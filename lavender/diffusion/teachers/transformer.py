@@ -113,8 +113,13 @@ class MMDiTTeacher(TransformerTeacher):
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, level: float) -> torch.Tensor:
         return flow_noise(latents, noise, level)
 
+    @property
+    def text_positions(self) -> int:
+        """Text positions in the denoiser's sequence (`encode_text`'s L): `max_length` unless a family says."""
+        return self.max_length
+
     @contextmanager
     def capture(self, recorder: AttentionRecorder) -> Iterator[list[str]]:
         with capture_joint_attention(self.denoiser, recorder, self.recorded_layers(), type(self).joint_qk,
-                                     self.max_length) as keys:
+                                     self.text_positions) as keys:
             yield keys
